@@ -1,0 +1,47 @@
+"""LoraConfig: validation at the edge and the PEFT adapter_config.json mapping."""
+
+import pytest
+
+from lorafit import ConfigError, LoraConfig
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"r": 0}, "r must be a positive integer"),
+    ({"r": 2.5}, "r must be a positive integer"),
+    ({"alpha": -1}, "alpha must be a positive number"),
+    ({"dropout": 1.0}, "dropout must be in"),
+    ({"init": "xavier"}, "init must be one of"),
+    ({"bias": "some"}, "bias must be one of"),
+    ({"targets": []}, "targets must be a non-empty list"),
+    ({"targets": 3}, "targets must be a list"),
+    ({"layers": [-1]}, "layers must be a list of block indices"),
+])
+def test_bad_values_are_refused_with_the_field_name(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        LoraConfig(**kwargs)
+
+
+def test_peft_round_trip_keeps_every_field():
+    cfg = LoraConfig(r=16, alpha=32, dropout=0.05, targets=["q_proj", "k_proj"], rslora=True, init="gaussian",
+                     bias="lora_only", modules_to_save=["score"], layers=[0, 3], base_model="some/model")
+    assert LoraConfig.from_peft(cfg.to_peft()) == cfg
+
+
+def test_peft_field_names_are_peft_names():
+    peft = LoraConfig(r=4, alpha=8).to_peft()
+    assert peft["peft_type"] == "LORA" and peft["lora_alpha"] == 8 and peft["target_modules"] == ["q_proj", "v_proj"]
+    assert peft["init_lora_weights"] is True and peft["use_rslora"] is False
+
+
+def test_other_peft_types_and_unsupported_options_are_errors():
+    with pytest.raises(ConfigError, match="peft_type is 'IA3'"):
+        LoraConfig.from_peft({"peft_type": "IA3", "r": 8})
+    with pytest.raises(ConfigError, match="rank_pattern"):
+        LoraConfig.from_peft({"peft_type": "LORA", "r": 8, "rank_pattern": {"q_proj": 4}})
+
+
+def test_unknown_keys_warn_by_name_and_load():
+    with pytest.warns(UserWarning, match="from_the_future"):
+        cfg = LoraConfig.from_peft({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": "q",
+                                    "from_the_future": 1})
+    assert cfg.r == 2 and cfg.targets == "q" and cfg.scale == 2.0
