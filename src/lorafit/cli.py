@@ -1,0 +1,177 @@
+"""The `lorafit` command. Each subcommand parses its options and calls one library function."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="LoRA fine-tuning: train small adapters, save them in PEFT's format, merge, generate.")
+reproduce_app = typer.Typer(no_args_is_help=True, help="Reproduce the source talks' experiments.")
+app.add_typer(reproduce_app, name="reproduce")
+console = Console(stderr=True)
+EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+def log(message: str) -> None:
+    console.print(message, markup=False, highlight=False)
+
+
+@app.command(context_settings=EXTRA)
+def train(ctx: typer.Context,
+          config: Annotated[Path, typer.Argument(help="YAML config (sections model, lora, data, train, eval, out)")],
+          resume: Annotated[bool, typer.Option(help="continue from the latest checkpoint in the out folder")] = False):
+    """Fine-tune a LoRA adapter as CONFIG says; extra `--section.key value` options override the file."""
+    from .runconfig import load_run_config
+    from .train import train as run
+
+    cfg = load_run_config(config, ctx.args)
+    report = run(cfg, resume=resume, log=log)
+    _print_before_after(report)
+
+
+def _print_before_after(report: dict) -> None:
+    table = Table(title=f"{report['model']} on {report['val_rows']} validation rows ({report['metric']})")
+    for column in ("model", report["metric"], "loss"):
+        table.add_column(column)
+    for key, label in (("base", "base model"), ("tuned", "with adapter")):
+        if key in report:
+            table.add_row(label, f"{report[key]['value']:.2f}", f"{report[key]['loss']:.4f}")
+    Console().print(table)
+    for sample in report["tuned"].get("samples", [])[:5]:
+        log(f"  answer {sample['answer']!r:<28} prediction {sample['prediction'].strip()!r}")
+
+
+@app.command("eval", context_settings=EXTRA)
+def evaluate(ctx: typer.Context,
+             config: Annotated[Path, typer.Argument(help="the training config (its data, model and eval sections)")],
+             adapter: Annotated[list[Path] | None, typer.Option(help="adapter folder(s); default: OUT/adapter")] = None,
+             base: Annotated[bool, typer.Option(help="score the base model too")] = True):
+    """Score the base model and each adapter side by side on the config's validation split."""
+    from .evaluate import evaluate_adapters
+    from .runconfig import load_run_config
+
+    cfg = load_run_config(config, ctx.args)
+    rows = evaluate_adapters(cfg, [str(a) for a in adapter or [Path(cfg.out) / "adapter"]], base, log)
+    table = Table(title=f"{cfg.model.name}: {rows[0]['metric']}")
+    for column in ("model", rows[0]["metric"], "loss"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(row["name"], f"{row['value']:.2f}", f"{row['loss']:.4f}")
+    Console().print(table)
+
+
+@app.command()
+def generate(prompt: Annotated[list[str], typer.Argument(help="prompt(s); each is sent as a user message")],
+             adapter: Annotated[list[Path] | None, typer.Option(help="adapter folder; repeat for several")] = None,
+             model: Annotated[str | None, typer.Option(help="base model (default: the adapter's base)")] = None,
+             no_adapter: Annotated[bool, typer.Option("--no-adapter", help="the base model alone")] = False,
+             max_new_tokens: Annotated[int, typer.Option(help="generation budget")] = 64,
+             temperature: Annotated[float, typer.Option(help="0: greedy")] = 0.0):
+    """Generate, streaming tokens, with each adapter in turn (or none)."""
+    from . import generate as gen
+    from .surgery import set_adapter
+
+    net, tokenizer, names = gen.load_with_adapters(model, [] if no_adapter else [str(a) for a in adapter or []])
+    for name in names or [None]:
+        if names:
+            set_adapter(net, name)
+        for text in prompt:
+            sys.stdout.write(f"[{name or 'base'}] ")
+            gen.stream(net, tokenizer, gen.render(tokenizer, text), max_new_tokens, temperature,
+                       on_text=lambda t: (sys.stdout.write(t), sys.stdout.flush()))
+            sys.stdout.write("\n")
+
+
+@app.command()
+def chat(adapter: Annotated[Path | None, typer.Option(help="adapter folder")] = None,
+         model: Annotated[str | None, typer.Option(help="base model (default: the adapter's base)")] = None,
+         max_new_tokens: Annotated[int, typer.Option(help="budget per answer")] = 256,
+         temperature: Annotated[float, typer.Option(help="0: greedy")] = 0.0):
+    """Talk to the model in the terminal (empty line or Ctrl-D ends); answers stream as they are generated."""
+    from . import generate as gen
+
+    net, tokenizer, _ = gen.load_with_adapters(model, [str(adapter)] if adapter else [])
+    history: list[dict] = []
+    while True:
+        try:
+            text = input("you> ").strip()
+        except EOFError:
+            break
+        if not text:
+            break
+        history.append({"role": "user", "content": text})
+        sys.stdout.write("model> ")
+        answer = gen.stream(net, tokenizer, gen.render(tokenizer, history), max_new_tokens, temperature,
+                            on_text=lambda t: (sys.stdout.write(t), sys.stdout.flush()))
+        sys.stdout.write("\n")
+        history.append({"role": "assistant", "content": answer.strip()})
+
+
+@app.command()
+def merge(adapter: Annotated[Path, typer.Option(help="adapter folder")],
+          out: Annotated[Path, typer.Option(help="folder for the merged Hugging Face model")],
+          model: Annotated[str | None, typer.Option(help="base model (default: the adapter's base)")] = None,
+          task: Annotated[str, typer.Option(help="causal-lm or classification")] = "causal-lm",
+          overwrite: Annotated[bool, typer.Option(help="replace an existing output folder")] = False):
+    """Fold the adapter into the base weights and write a plain model folder (safetensors, config, tokenizer)."""
+    from . import generate as gen
+    from .models import save_merged
+
+    net, tokenizer, _ = gen.load_with_adapters(model, [str(adapter)], task=task)
+    path = save_merged(net, tokenizer, out, overwrite=overwrite)
+    log(f"merged model written to {path}")
+
+
+@app.command()
+def fetch(name: Annotated[str, typer.Argument(help="preset name (see `lorafit models`)")]):
+    """Download a preset model ahead of time into the cache."""
+    from .models import fetch as fetch_preset
+
+    log(f"{name}: {fetch_preset(name, log=log)}")
+
+
+@app.command()
+def models():
+    """List the built-in model presets and whether they are cached."""
+    from .models import cache_dir, list_models
+
+    table = Table(title=f"presets (cache: {cache_dir()})")
+    for column in ("name", "task", "params", "cached", "description"):
+        table.add_column(column)
+    for row in list_models():
+        table.add_row(row["name"], row["task"], row["params"], "yes" if row["cached"] else "no", row["description"])
+    Console().print(table)
+
+
+@app.command()
+def inspect(adapter: Annotated[Path, typer.Argument(help="adapter folder")]):
+    """Show an adapter's config and tensors (reads safetensors only)."""
+    from .adapter_io import read_adapter
+
+    cfg, tensors = read_adapter(adapter)
+    log(f"r={cfg.r} alpha={cfg.alpha} scale={cfg.scale:g} targets={cfg.targets} base={cfg.base_model}")
+    total = sum(t.numel() for t in tensors.values())
+    log(f"{len(tensors)} tensors, {total:,} parameters, {sum(t.numel() * t.element_size() for t in tensors.values()):,}"
+        " bytes")
+
+
+def main() -> None:
+    """Entry point: user mistakes print one clear line (set LORAFIT_DEBUG=1 for the traceback)."""
+    from .adapter_io import AdapterFileError
+    from .config import ConfigError
+    from .surgery import TargetError
+
+    try:
+        app(prog_name="lorafit")
+    except (ConfigError, AdapterFileError, TargetError, FileNotFoundError, ValueError) as err:
+        if os.environ.get("LORAFIT_DEBUG"):
+            raise
+        console.print(f"error: {err}", style="red", markup=False, highlight=False)
+        raise SystemExit(2) from None

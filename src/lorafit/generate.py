@@ -1,0 +1,90 @@
+"""Using adapters: load a base model with one or more adapters, generate with streaming, chat."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import TextStreamer
+
+import lorafit
+
+from .adapter_io import CONFIG_FILE
+from .models import load_model
+
+
+def base_model_of(adapter: str | Path) -> str:
+    """The base model an adapter folder was trained on (its adapter_config.json's base_model_name_or_path)."""
+    path = Path(adapter) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found; is {adapter} an adapter folder?")
+    name = json.loads(path.read_text()).get("base_model_name_or_path")
+    if not name:
+        raise ValueError(f"{path}: no base_model_name_or_path recorded; pass --model")
+    return name
+
+
+def adapter_name(path: str | Path, taken: list[str]) -> str:
+    """A short unique name for an adapter folder: its folder name (or its parent's, for '.../adapter')."""
+    path = Path(path).resolve()
+    name = path.parent.name if path.name == "adapter" else path.name
+    base, i = name, 2
+    while name in taken:
+        name, i = f"{base}-{i}", i + 1
+    return name
+
+
+def load_with_adapters(model: str | None, adapters: list[str], task: str = "causal-lm") -> tuple:
+    """(model, tokenizer, adapter names): the base model (or the first adapter's base) with each adapter loaded."""
+    if model is None:
+        if not adapters:
+            raise ValueError("name a --model or at least one --adapter")
+        model = base_model_of(adapters[0])
+    net, tokenizer = load_model(model, task=task)
+    names: list[str] = []
+    for path in adapters:
+        names.append(adapter_name(path, names))
+        lorafit.load_adapter(net, path, name=names[-1])
+    return net, tokenizer, names
+
+
+def render(tokenizer, messages: list[dict] | str) -> str:
+    """A user message (or a whole conversation) as prompt text, through the chat template when there is one."""
+    if isinstance(messages, str):
+        messages = [{"role": "user", "content": messages}]
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return "\n".join(m["content"] for m in messages)
+
+
+class _CallbackStreamer(TextStreamer):
+    """transformers' streamer, sending each finished piece of text to a callback instead of print."""
+
+    def __init__(self, tokenizer, on_text: Callable[[str], None]):
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.on_text = on_text
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        self.on_text(text)
+
+
+@torch.no_grad()
+def stream(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0,
+           on_text: Callable[[str], None] | None = None) -> str:
+    """Generate from rendered `prompt`, sending text to `on_text` as it comes; returns the whole completion."""
+    model.eval()
+    pieces: list[str] = []
+
+    def sink(text: str) -> None:
+        pieces.append(text)
+        if on_text:
+            on_text(text)
+
+    enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+    model.generate(**enc, max_new_tokens=max_new_tokens, streamer=_CallbackStreamer(tokenizer, sink),
+                   pad_token_id=tokenizer.pad_token_id, **sampling)
+    return "".join(pieces)

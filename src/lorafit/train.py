@@ -1,0 +1,178 @@
+"""`lorafit train`: load, inject, data, optimizer, loop of train_step / evaluate / save_checkpoint, report.
+
+Read `train` top to bottom: it is the whole recipe. The loop runs on plain PyTorch; the only transformers
+objects are the model and its tokenizer.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import signal
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+import lorafit
+
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .data import Example, batches, encode, label_set, load_splits
+from .evaluate import mean_loss, score
+from .models import load_model
+from .optim import lr_at, make_optimizer, set_lr
+from .report import MetricsLog, plot_loss, write_json
+from .runconfig import RunConfig
+
+
+def train(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] = print) -> dict:
+    """Run the whole job `cfg` describes; returns (and writes to out/results.json) the before/after report."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.train.seed)
+    train_rows, val_rows, fmt = load_splits(cfg.data, seed=cfg.train.seed, log=log)
+    labels = label_set(train_rows, val_rows) if cfg.model.task == "classification" else None
+    model, tokenizer = load_model(cfg.model.name, task=cfg.model.task, labels=labels)
+    train_set = encode(train_rows, fmt, tokenizer, cfg.data, labels)
+    val_set = encode(val_rows, fmt, tokenizer, cfg.data, labels)
+    eval_rows, eval_set = val_rows[:cfg.eval.limit], val_set[:cfg.eval.limit]
+    metric = pick_metric(cfg, fmt)
+    evaluate = lambda: score(model, tokenizer, metric, eval_rows, eval_set, fmt,  # noqa: E731
+                             cfg.eval.batch_size, cfg.eval.max_new_tokens, log)
+    report = {"model": cfg.model.name, "format": fmt, "metric": metric, "labels": labels,
+              "train_rows": len(train_rows), "val_rows": len(eval_rows)}
+    if cfg.eval.compare_base and not resume:
+        log("scoring the base model ...")
+        report["base"] = evaluate()
+
+    lora_cfg = adapter_config(cfg, model)
+    lorafit.inject(model, lora_cfg)
+    log(lorafit.trainable_report(model))
+    optimizer = make_optimizer(model, cfg.train.lr, cfg.train.weight_decay)
+    state = {"step": 0, "micro_batches": 0, "seconds": 0.0}
+    if resume:
+        state = _resume(out, model, optimizer, log)
+
+    state = run_loop(model, optimizer, train_set, val_set, cfg, state, tokenizer.pad_token_id, log)
+    info = lorafit.save_adapter(model, out / "adapter")
+    log(f"adapter saved to {info['path']} ({info['file_bytes']:,} bytes)")
+    report.update(steps=state["step"], train_seconds=round(state["seconds"], 1), adapter=info,
+                  trainable=lorafit.trainable_report(model))
+    report["tuned"] = evaluate()
+    plot_loss(out / "metrics.jsonl", out / "loss.png")
+    write_json(out / "results.json", report)
+    return report
+
+
+def pick_metric(cfg: RunConfig, fmt: str) -> str:
+    """exact_match for instruction/chat data, accuracy for classification, loss for plain text."""
+    if cfg.eval.metric != "auto":
+        return cfg.eval.metric
+    if cfg.model.task == "classification":
+        return "accuracy"
+    return "exact_match" if fmt in ("instruction", "chat") else "loss"
+
+
+def adapter_config(cfg: RunConfig, model: nn.Module) -> lorafit.LoraConfig:
+    """The run's LoraConfig, recording the base model and (for classifiers) training the new head in full."""
+    extra = []
+    if cfg.model.task == "classification":
+        head = next(n for n in ("classifier", "score") if hasattr(model, n))
+        extra = [head] if head not in cfg.lora.modules_to_save else []
+    return replace(cfg.lora, base_model=cfg.model.name, modules_to_save=[*cfg.lora.modules_to_save, *extra])
+
+
+def _resume(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, log: Callable[[str], None]) -> dict:
+    path = latest_checkpoint(out / "checkpoints")
+    if path is None:
+        raise FileNotFoundError(f"--resume: no checkpoint in {out / 'checkpoints'}; start without --resume")
+    state = load_checkpoint(path, model, optimizer)
+    log(f"resumed from {path} at step {state['step']}")
+    return state
+
+
+def micro_batches(examples: list[Example], batch_size: int, pad_id: int, seed: int, start: int) -> Iterator[dict]:
+    """An endless, deterministic stream of shuffled batches, epoch after epoch, skipping the first `start`."""
+    per_epoch = math.ceil(len(examples) / batch_size)
+    first_epoch, skip = divmod(start, per_epoch)
+    for epoch in itertools.count(first_epoch):
+        yield from batches(examples, batch_size, pad_id, shuffle=True, seed=seed, epoch=epoch,
+                           start=skip if epoch == first_epoch else 0)
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, parts: list[dict], clip: float) -> tuple:
+    """One optimizer step over `parts` (gradient accumulation); returns (mean loss, tokens seen)."""
+    model.train()
+    total, tokens = 0.0, 0
+    for batch in parts:
+        loss = model(**batch).loss / len(parts)
+        loss.backward()
+        total += loss.item()
+        tokens += int(batch["attention_mask"].sum())
+    if clip > 0:
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total, tokens
+
+
+class _StopOnSigint:
+    """Turn the first Ctrl-C into a request to stop at the next step boundary (a second one interrupts at once)."""
+
+    def __enter__(self):
+        self.requested = False
+        self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self.previous)
+
+
+def run_loop(model: nn.Module, optimizer: torch.optim.Optimizer, train_set: list[Example], val_set: list[Example],
+             cfg: RunConfig, state: dict, pad_id: int, log: Callable[[str], None]) -> dict:
+    """Steps from state['step'] to cfg.train.steps, logging, evaluating and checkpointing on schedule.
+
+    Ctrl-C finishes the current step, writes a checkpoint and ends the run; `--resume` continues from it.
+    """
+    t, out = cfg.train, Path(cfg.out)
+    stream = micro_batches(train_set, t.batch_size, pad_id, t.seed, state["micro_batches"])
+    metrics = MetricsLog(out / "metrics.jsonl", tensorboard=t.tensorboard, append=state["step"] > 0)
+    bar = tqdm(total=t.steps, initial=state["step"], desc="train", unit="step", dynamic_ncols=True)
+    with _StopOnSigint() as sigint, metrics, bar:
+        while state["step"] < t.steps:
+            step, started = state["step"], time.perf_counter()
+            lr = lr_at(step, t.lr, t.warmup_steps, t.steps, t.min_lr_ratio)
+            set_lr(optimizer, lr)
+            loss, tokens = train_step(model, optimizer, [next(stream) for _ in range(t.grad_accum)], t.clip)
+            seconds = time.perf_counter() - started
+            state = {"step": step + 1, "micro_batches": state["micro_batches"] + t.grad_accum,
+                     "seconds": state["seconds"] + seconds}
+            row = {"step": step + 1, "loss": round(loss, 5), "lr": lr, "tokens_per_s": round(tokens / seconds, 1)}
+            if (t.eval_every and (step + 1) % t.eval_every == 0) or step + 1 == t.steps:
+                row["eval_loss"] = round(mean_loss(model, val_set, cfg.eval.batch_size, pad_id), 5)
+            metrics.write(row, log if (step + 1) % t.log_every == 0 or "eval_loss" in row else None)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
+            bar.update(1)
+            if sigint.requested:
+                path = save_checkpoint(out / "checkpoints", model, optimizer, state)
+                log(f"interrupted at step {state['step']}: checkpoint saved to {path}; continue with --resume")
+                raise SystemExit(130)
+            if t.save_every and (step + 1) % t.save_every == 0:
+                save_checkpoint(out / "checkpoints", model, optimizer, state)
+    save_checkpoint(out / "checkpoints", model, optimizer, state)
+    return state
+
+
+def read_results(out: str | Path) -> dict:
+    """The report a finished run wrote."""
+    return json.loads((Path(out) / "results.json").read_text())

@@ -1,0 +1,52 @@
+"""Run configs: YAML + overrides, validated once with messages that name the file and the key."""
+
+import pytest
+
+from lorafit import ConfigError
+from lorafit.runconfig import load_run_config, parse_overrides
+
+
+def write(tmp_path, text):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    (tmp_path / "train.jsonl").write_text('{"text": "hello"}\n')
+    return path
+
+
+def test_overrides_parse_as_yaml_values():
+    assert parse_overrides(["--lora.r", "16", "--train.lr=2e-4", "--lora.targets", "[q_proj, v_proj]"]) == {
+        "lora": {"r": 16, "targets": ["q_proj", "v_proj"]}, "train": {"lr": "2e-4"}}
+
+
+def test_file_plus_overrides_and_relative_data_path(tmp_path):
+    path = write(tmp_path, "data:\n  train: train.jsonl\nlora:\n  r: 4\ntrain:\n  lr: 1.0e-3\n")
+    cfg = load_run_config(path, ["--lora.r", "16", "--train.lr", "2e-4", "--out", "elsewhere"])
+    assert cfg.lora.r == 16 and cfg.train.lr == pytest.approx(2e-4) and cfg.out == "elsewhere"
+    assert cfg.data.train == str(tmp_path / "train.jsonl")  # relative to the config file
+
+
+@pytest.mark.parametrize("text, overrides, match", [
+    ("data:\n  train: t.jsonl\nlora:\n  rank: 4\n", [], r"run.yaml: lora.rank: unknown key"),
+    ("data:\n  train: t.jsonl\n", ["--train.lr", "fast"], r"train.lr: Input should be a valid number"),
+    ("data:\n  train: t.jsonl\n", ["--lora.r", "0"], r"lora: r must be a positive integer"),
+    ("data:\n  train: t.jsonl\n", ["--trian.lr", "1"], r"trian: unknown key"),
+    ("model:\n  name: x\n", [], r"data: required key is missing"),
+    ("data:\n  train: t.jsonl\n", ["--train.steps"], r"--train.steps has no value"),
+    ("data: [1, 2\n", [], r"not valid YAML"),
+    ("data:\n  train: t.jsonl\nmodel:\n  task: regression\n", [], r"model: task must be"),
+])
+def test_bad_configs_name_file_and_key(tmp_path, text, overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_run_config(write(tmp_path, text), overrides)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_run_config(tmp_path / "nope.yaml")
+
+
+def test_shipped_example_configs_validate():
+    from pathlib import Path
+
+    for path in sorted(Path(__file__).parents[1].glob("examples/*.yaml")):
+        load_run_config(path)
