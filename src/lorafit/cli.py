@@ -15,12 +15,34 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="LoRA fine-tuning: train small adapters, save them in PEFT's format, merge, generate.")
 reproduce_app = typer.Typer(no_args_is_help=True, help="Reproduce the source talks' experiments.")
 app.add_typer(reproduce_app, name="reproduce")
-console = Console(stderr=True)
 EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 
 def log(message: str) -> None:
-    console.print(message, markup=False, highlight=False)
+    """Progress and notes go to stderr, unwrapped; results (tables, generations) go to stdout."""
+    print(message, file=sys.stderr, flush=True)
+
+
+@reproduce_app.command("flip")
+def reproduce_flip(
+    data: Annotated[str, typer.Option(help="digits (bundled with scikit-learn) or fashion-mnist (Debian)")] = "digits",
+    flip: Annotated[str | None, typer.Option(help="lr or ud (default: lr for digits, ud for clothes)")] = None,
+    rank: Annotated[int, typer.Option(help="LoRA rank on fc1, fc2, fc3")] = 4,
+    fraction: Annotated[float, typer.Option(help="share of the chosen classes' images flipped")] = 0.3,
+    classes: Annotated[str, typer.Option(help="comma-separated classes to flip")] = "2,3",
+    seed: Annotated[int, typer.Option(help="seed for split, flips, init and order")] = 0,
+    base_epochs: Annotated[int | None, typer.Option(help="base training epochs")] = None,
+    tune_epochs: Annotated[int | None, typer.Option(help="fine-tuning epochs")] = None,
+    out: Annotated[Path, typer.Option(help="output folder")] = Path("runs/flip"),
+):
+    """The first talk's experiment: base vs LoRA vs full vs last-layer fine-tuning on flipped images."""
+    from .experiments.flip import FlipConfig, format_table, run
+
+    cfg = FlipConfig(data=data, flip=flip, rank=rank, fraction=fraction, seed=seed, base_epochs=base_epochs,
+                     tune_epochs=tune_epochs, out=out, classes=tuple(int(c) for c in classes.split(",")))
+    results = run(cfg, log=log)
+    print(format_table(results))
+    log(f"results.json, table.md, flip.png and the adapter are in {out}")
 
 
 @app.command(context_settings=EXTRA)
@@ -173,5 +195,5 @@ def main() -> None:
     except (ConfigError, AdapterFileError, TargetError, FileNotFoundError, ValueError) as err:
         if os.environ.get("LORAFIT_DEBUG"):
             raise
-        console.print(f"error: {err}", style="red", markup=False, highlight=False)
+        log(f"error: {err}")
         raise SystemExit(2) from None
