@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -20,6 +19,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .config import ConfigError, LoraConfig
+from .files import atomic_write, write_json
 from .lora import LoraEmbedding, LoraLayer, LowRankEmbedding
 from .surgery import TargetError, find_targets, inject, lora_layers, module_kind, name_matches
 
@@ -31,18 +31,6 @@ LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_embedding_A", ".lora
 
 class AdapterFileError(ValueError):
     """An adapter folder that cannot be read onto this model; the message names the file and the key."""
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path) then rename onto `path`: a crash leaves the old file or the new one, never half."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def adapter_state(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
@@ -90,8 +78,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     weights = folder / WEIGHTS_FILE
-    _atomic_write(weights, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-    _atomic_write(folder / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(peft, indent=2) + "\n"))
+    atomic_write(weights, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    write_json(folder / CONFIG_FILE, peft)
     tensor_bytes = sum(t.numel() * t.element_size() for t in state.values())
     return {"path": str(folder), "file_bytes": weights.stat().st_size, "tensor_bytes": tensor_bytes}
 

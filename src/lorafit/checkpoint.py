@@ -18,16 +18,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .files import write_json
 from .optim import trainable_parameters
 
 LATEST = "latest.json"
-
-
-def _write_json(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
 
 
 def save_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict,
@@ -46,7 +40,7 @@ def save_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optim
         os.replace(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    _write_json(folder / LATEST, {"checkpoint": final.name, "step": state["step"]})
+    write_json(folder / LATEST, {"checkpoint": final.name, "step": state["step"]})
     for old in sorted(folder.glob("step-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

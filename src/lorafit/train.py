@@ -24,9 +24,10 @@ import lorafit
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import Example, batches, encode, label_set, load_splits
 from .evaluate import mean_loss, score
+from .files import write_json
 from .models import load_model
 from .optim import lr_at, make_optimizer, set_lr
-from .report import MetricsLog, plot_loss, write_json
+from .report import MetricsLog, plot_loss
 from .runconfig import RunConfig
 
 

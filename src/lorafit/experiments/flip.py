@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import copy
 import gzip
-import json
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,6 +19,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import lorafit
+from lorafit.files import write_json, write_text
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 DEFAULT_FLIP = {"digits": "lr", "fashion-mnist": "ud"}  # clothes are mostly left-right symmetric
@@ -196,17 +194,10 @@ def run(cfg: FlipConfig, log=print) -> dict:
         results["methods"][method] = info
         log(f"{method:>10}: clean {info['clean_acc']:.2f}%  flipped {info['flipped_acc']:.2f}%  "
             f"trainable {info['trainable_params']:,}  {info['seconds']:.1f}s")
-    _write_text(cfg.out / "results.json", json.dumps(results, indent=2) + "\n")
-    _write_text(cfg.out / "table.md", format_table(results) + "\n")
+    write_json(cfg.out / "results.json", results)
+    write_text(cfg.out / "table.md", format_table(results) + "\n")
     plot(results, cfg.out / "flip.png")
     return results
-
-
-def _write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def format_table(results: dict) -> str:
