@@ -30,3 +30,25 @@ def test_user_mistakes_are_one_clear_line_and_exit_2(tmp_path):
     assert "Traceback" not in done.stderr
     done = lorafit("inspect", str(tmp_path))
     assert done.returncode == 2 and "adapter_config.json: not found" in done.stderr
+
+
+def test_train_eval_merge_generate_end_to_end_on_a_tiny_model(tmp_path):
+    from test_models import saved_tiny_model
+
+    model = saved_tiny_model(tmp_path / "model")
+    rows = [{"instruction": f"{a} {b}", "input": "", "output": b} for a in ("cat", "dog") for b in ("hello", "world")]
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows * 3) + "\n")
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model:\n  name: {model}\ndata:\n  train: train.jsonl\n  val_fraction: 0.25\n"
+                      f"lora:\n  targets: all-linear\ntrain:\n  steps: 3\n  batch_size: 2\nout: {tmp_path / 'run'}\n")
+    done = lorafit("train", str(config), "--train.lr", "1e-2", "--eval.max_new_tokens", "2")
+    assert done.returncode == 0, done.stderr
+    assert "with adapter" in done.stdout and (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
+    done = lorafit("eval", str(config))
+    assert done.returncode == 0 and "run" in done.stdout and "base" in done.stdout, done.stderr
+    done = lorafit("merge", "--adapter", str(tmp_path / "run" / "adapter"), "--out", str(tmp_path / "merged"))
+    assert done.returncode == 0 and (tmp_path / "merged" / "model.safetensors").is_file(), done.stderr
+    done = lorafit("generate", "--model", str(tmp_path / "merged"), "--max-new-tokens", "3", "cat hello")
+    assert done.returncode == 0 and done.stdout.startswith("[base] "), done.stderr
+    done = lorafit("train", str(config), "--lora.rank", "4")
+    assert done.returncode == 2 and "lora.rank: unknown key" in done.stderr
