@@ -4,6 +4,9 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 ENV = {**os.environ, "MPLBACKEND": "Agg", "HF_HUB_OFFLINE": "1"}
 
@@ -52,3 +55,43 @@ def test_train_eval_merge_generate_end_to_end_on_a_tiny_model(tmp_path):
     assert done.returncode == 0 and done.stdout.startswith("[base] "), done.stderr
     done = lorafit("train", str(config), "--lora.rank", "4")
     assert done.returncode == 2 and "lora.rank: unknown key" in done.stderr
+
+
+def test_chat_streams_turns_with_history_and_matches_generate(tmp_path):
+    from test_models import saved_tiny_model
+
+    model = str(saved_tiny_model(tmp_path / "model"))
+    one = lorafit("generate", "--model", model, "--max-new-tokens", "4", "cat hello")
+    assert one.returncode == 0, one.stderr
+    chat = subprocess.run([sys.executable, "-m", "lorafit", "chat", "--model", model, "--max-new-tokens", "4"],
+                          input="cat hello\ndog world\n\n", capture_output=True, text=True, env=ENV, timeout=300)
+    assert chat.returncode == 0, chat.stderr
+    turns = chat.stdout.split("model> ")
+    assert len(turns) == 3 and turns[0] == "you> "  # two answers, then the empty line ends the chat
+    assert turns[1].split("\n")[0] == one.stdout.removeprefix("[base] ").rstrip("\n")  # same greedy answer
+    assert turns[2].endswith("you> ")
+
+
+@pytest.mark.slow
+def test_real_smollm2_preset_trains_merges_and_reloads(tmp_path):
+    """A few steps on the shipped WordNet data with the real preset, then merge and reload with transformers."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lorafit.generate import load_with_adapters
+
+    example = Path(__file__).parents[1] / "examples" / "smollm2-wordnet.yaml"
+    done = lorafit("train", str(example), "--out", str(tmp_path / "run"), "--train.steps", "3",
+                   "--train.batch_size", "2", "--eval.limit", "4", "--eval.max_new_tokens", "4", "--eval.samples", "1")
+    assert done.returncode == 0, done.stderr
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["base"]["metric"] == "exact_match" and results["tuned"]["loss"] < results["base"]["loss"]
+    adapter = tmp_path / "run" / "adapter"
+    done = lorafit("merge", "--adapter", str(adapter), "--out", str(tmp_path / "merged"))
+    assert done.returncode == 0, done.stderr
+
+    net, tokenizer, _ = load_with_adapters(None, [str(adapter)])
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    ids = tokenizer(["the organ of sight", "a male with the same parents"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**ids).logits, net(**ids).logits, rtol=0, atol=1e-3)

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from safetensors.torch import load_file
 from test_models import saved_tiny_model
 
@@ -27,16 +28,22 @@ def config(tmp_path, model, out, *extra):
                  "--data.validation", str(tmp_path / "val.jsonl"), "--data.format", "instruction",
                  "--lora.targets", "all-linear", "--lora.dropout", "0.1", "--train.steps", "6",
                  "--train.batch_size", "4", "--train.grad_accum", "2", "--train.lr", "1e-2", "--train.warmup_steps",
-                 "2", "--train.save_every", "3", "--eval.max_new_tokens", "2", "--out", str(out), *extra]
+                 "2", "--train.save_every", "3", "--train.precision", "fp32", "--eval.max_new_tokens", "2",
+                 "--out", str(out), *extra]
     return load_run_config(None, overrides)
 
 
-def test_run_learns_and_writes_adapter_metrics_and_plot(setup):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_run_learns_and_writes_adapter_metrics_and_plot(setup, precision):
     tmp_path, model = setup
-    report = train(config(tmp_path, model, tmp_path / "run", "--train.steps", "12"), log=lambda _: None)
+    cfg = config(tmp_path, model, tmp_path / "run", "--train.steps", "12", "--train.precision", precision)
+    report = train(cfg, log=lambda _: None)
+    assert report["precision"] == precision
     out = tmp_path / "run"
     assert report["tuned"]["loss"] < report["base"]["loss"]
     assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "loss.png").is_file()
+    assert (out / "before_after.png").is_file()
+    assert {t.dtype for t in load_file(out / "adapter" / "adapter_model.safetensors").values()} == {torch.float32}
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 13)) and "eval_loss" in rows[-1]
     assert json.loads((out / "results.json").read_text())["steps"] == 12
@@ -60,3 +67,38 @@ def test_resume_without_checkpoint_is_a_clear_error(setup):
     tmp_path, model = setup
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         train(config(tmp_path, model, tmp_path / "c"), resume=True, log=lambda _: None)
+
+
+def test_classifier_adapter_records_its_labels_and_merges_to_a_plain_classifier(tmp_path, monkeypatch):
+    """Trained with a bf16 base (the new head trains in fp32), reloaded and merged in fp32."""
+    from conftest import tiny_bert
+    from test_models import tiny_tokenizer
+    from transformers import AutoModelForSequenceClassification
+
+    from lorafit.generate import load_with_adapters
+    from lorafit.models import save_merged
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tiny_bert().bert.save_pretrained(tmp_path / "encoder")  # an encoder without a head, like minilm-l6
+    tiny_tokenizer().save_pretrained(tmp_path / "encoder")
+    rows = [{"text": f"{a} {b}", "label": {"cat": "animal", "dog": "animal"}.get(a, "word")}
+            for a in WORDS for b in WORDS] * 2
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    cfg = load_run_config(None, ["--model.name", str(tmp_path / "encoder"), "--model.task", "classification",
+                                 "--data.train", str(tmp_path / "train.jsonl"), "--data.val_fraction", "0.25",
+                                 "--lora.targets", "[query, value]", "--train.steps", "3", "--train.precision", "bf16",
+                                 "--out", str(tmp_path / "run")])
+    train(cfg, log=lambda _: None)
+    adapter = tmp_path / "run" / "adapter"
+    assert json.loads((adapter / "adapter_config.json").read_text())["task_type"] == "SEQ_CLS"
+
+    net, tokenizer, _ = load_with_adapters(None, [str(adapter)])  # task and labels come from the adapter
+    assert net.config.id2label == {0: "animal", 1: "word"}
+    batch = tokenizer(["cat hello", "world dog"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        expected = net(**batch).logits
+    save_merged(net, tokenizer, tmp_path / "merged")
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    assert merged.config.id2label == {0: "animal", 1: "word"}
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**batch).logits, expected)

@@ -94,21 +94,28 @@ def generate(prompt: Annotated[list[str], typer.Argument(help="prompt(s); each i
              adapter: Annotated[list[Path] | None, typer.Option(help="adapter folder; repeat for several")] = None,
              model: Annotated[str | None, typer.Option(help="base model (default: the adapter's base)")] = None,
              no_adapter: Annotated[bool, typer.Option("--no-adapter", help="the base model alone")] = False,
+             compare_base: Annotated[bool, typer.Option(help="also answer with the base model, first")] = False,
              max_new_tokens: Annotated[int, typer.Option(help="generation budget")] = 64,
              temperature: Annotated[float, typer.Option(help="0: greedy")] = 0.0):
     """Generate, streaming tokens, with each adapter in turn (or none)."""
     from . import generate as gen
-    from .surgery import set_adapter
+    from .surgery import disabled, set_adapter
 
     net, tokenizer, names = gen.load_with_adapters(model, [] if no_adapter else [str(a) for a in adapter or []])
-    for name in names or [None]:
-        if names:
-            set_adapter(net, name)
+
+    def answer(name: str) -> None:
         for text in prompt:
-            sys.stdout.write(f"[{name or 'base'}] ")
+            sys.stdout.write(f"[{name}] ")
             gen.stream(net, tokenizer, gen.render(tokenizer, text), max_new_tokens, temperature,
                        on_text=lambda t: (sys.stdout.write(t), sys.stdout.flush()))
             sys.stdout.write("\n")
+
+    if compare_base or not names:
+        with disabled(net):
+            answer("base")
+    for name in names:
+        set_adapter(net, name)
+        answer(name)
 
 
 @app.command()
@@ -140,7 +147,7 @@ def chat(adapter: Annotated[Path | None, typer.Option(help="adapter folder")] = 
 def merge(adapter: Annotated[Path, typer.Option(help="adapter folder")],
           out: Annotated[Path, typer.Option(help="folder for the merged Hugging Face model")],
           model: Annotated[str | None, typer.Option(help="base model (default: the adapter's base)")] = None,
-          task: Annotated[str, typer.Option(help="causal-lm or classification")] = "causal-lm",
+          task: Annotated[str | None, typer.Option(help="causal-lm or classification (default: the adapter's)")] = None,
           overwrite: Annotated[bool, typer.Option(help="replace an existing output folder")] = False):
     """Fold the adapter into the base weights and write a plain model folder (safetensors, config, tokenizer)."""
     from . import generate as gen

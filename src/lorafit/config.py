@@ -21,10 +21,11 @@ _PEFT_TO_LORAFIT = {
     "layers_to_transform": "layers",
     "init_lora_weights": "init",
     "base_model_name_or_path": "base_model",
+    "task_type": "task_type",
 }
 # Keys PEFT writes that carry no information for a plain LoRA adapter (or that lorafit derives itself).
 _PEFT_NEUTRAL = {
-    "peft_type", "peft_version", "fan_in_fan_out", "inference_mode", "task_type", "revision", "auto_mapping",
+    "peft_type", "peft_version", "fan_in_fan_out", "inference_mode", "revision", "auto_mapping",
     "layers_pattern", "rank_pattern", "alpha_pattern", "megatron_config", "megatron_core", "loftq_config",
     "use_dora", "layer_replication", "lora_bias", "exclude_modules", "target_parameters", "eva_config",
     "corda_config", "trainable_token_indices", "use_qalora", "qalora_group_size", "alora_invocation_tokens",
@@ -56,6 +57,7 @@ class LoraConfig:
     modules_to_save: list[str] = field(default_factory=list)  # modules trained in full and saved (a new head)
     layers: list[int] | None = None  # only adapt modules inside these block indices (None: all blocks)
     base_model: str | None = None  # name or path of the base model, written to adapter_config.json
+    task_type: str | None = None  # PEFT's name for the model head: "CAUSAL_LM", "SEQ_CLS" (None: unrecorded)
 
     def __post_init__(self) -> None:
         if isinstance(self.targets, tuple):
@@ -103,7 +105,7 @@ class LoraConfig:
             "use_dora": False,
             "rank_pattern": {},
             "alpha_pattern": {},
-            "task_type": None,
+            "task_type": self.task_type,
             "inference_mode": True,
             "revision": None,
         }

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .data import Example, Row, collate, prompt_and_answer
+from .fast import loss_of
 
 
 def _chunks(items: list, size: int) -> Iterator[list]:
@@ -23,7 +24,7 @@ def mean_loss(model: nn.Module, examples: list[Example], batch_size: int, pad_id
     losses, weights = [], []
     for chunk in _chunks(examples, batch_size):
         batch = collate(chunk, pad_id)
-        losses.append(model(**batch).loss.item())
+        losses.append(loss_of(model, batch).item())
         weights.append(len(chunk))
     return sum(loss * n for loss, n in zip(losses, weights)) / max(1, sum(weights))
 

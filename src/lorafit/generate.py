@@ -12,19 +12,35 @@ from transformers import TextStreamer
 
 import lorafit
 
-from .adapter_io import CONFIG_FILE
+from .adapter_io import CONFIG_FILE, LABELS_FILE
 from .models import load_model
+
+
+def _adapter_json(adapter: str | Path, name: str = CONFIG_FILE):
+    path = Path(adapter) / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found; is {adapter} an adapter folder?")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
 
 
 def base_model_of(adapter: str | Path) -> str:
     """The base model an adapter folder was trained on (its adapter_config.json's base_model_name_or_path)."""
-    path = Path(adapter) / CONFIG_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: not found; is {adapter} an adapter folder?")
-    name = json.loads(path.read_text()).get("base_model_name_or_path")
+    name = _adapter_json(adapter).get("base_model_name_or_path")
     if not name:
-        raise ValueError(f"{path}: no base_model_name_or_path recorded; pass --model")
+        raise ValueError(f"{Path(adapter) / CONFIG_FILE}: no base_model_name_or_path recorded; pass --model")
     return name
+
+
+def task_of(adapter: str | Path) -> tuple[str, list[str] | None]:
+    """(task, class names) an adapter was trained for: PEFT's task_type SEQ_CLS means a classifier."""
+    if _adapter_json(adapter).get("task_type") != "SEQ_CLS":
+        return "causal-lm", None
+    if not (Path(adapter) / LABELS_FILE).is_file():
+        return "classification", None  # a PEFT classifier adapter: the head keeps the checkpoint's size
+    return "classification", _adapter_json(adapter, LABELS_FILE)
 
 
 def adapter_name(path: str | Path, taken: list[str]) -> str:
@@ -37,13 +53,20 @@ def adapter_name(path: str | Path, taken: list[str]) -> str:
     return name
 
 
-def load_with_adapters(model: str | None, adapters: list[str], task: str = "causal-lm") -> tuple:
-    """(model, tokenizer, adapter names): the base model (or the first adapter's base) with each adapter loaded."""
+def load_with_adapters(model: str | None, adapters: list[str], task: str | None = None) -> tuple:
+    """(model, tokenizer, adapter names): the base model (or the first adapter's base) with each adapter loaded.
+
+    The task (and a classifier's labels) come from the first adapter unless `task` is given.
+    """
     if model is None:
         if not adapters:
             raise ValueError("name a --model or at least one --adapter")
         model = base_model_of(adapters[0])
-    net, tokenizer = load_model(model, task=task)
+    labels = None
+    if adapters:
+        recorded, labels = task_of(adapters[0])
+        task = task or recorded
+    net, tokenizer = load_model(model, task=task or "causal-lm", labels=labels if task == "classification" else None)
     names: list[str] = []
     for path in adapters:
         names.append(adapter_name(path, names))

@@ -6,6 +6,8 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+from .files import atomic_write
+
 
 class MetricsLog:
     """Appends one JSON object per step to metrics.jsonl; mirrors scalars to TensorBoard when asked."""
@@ -49,13 +51,23 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def plot_loss(metrics_path: Path, png: Path) -> None:
-    """Training loss per step, with the validation loss where it was measured."""
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(fig, png: Path) -> None:
+    atomic_write(Path(png), lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    _pyplot().close(fig)
+
+
+def plot_loss(metrics_path: Path, png: Path) -> None:
+    """Training loss per step, with the validation loss where it was measured."""
+    plt = _pyplot()
     rows = read_metrics(metrics_path)
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train loss", linewidth=1)
@@ -67,5 +79,20 @@ def plot_loss(metrics_path: Path, png: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
+    _save(fig, png)
+
+
+def plot_before_after(report: dict, png: Path) -> None:
+    """Two bar pairs from a run's report: the metric and the validation loss, base model beside the adapter."""
+    plt = _pyplot()
+    runs = [(label, report[key]) for key, label in (("base", "base model"), ("tuned", "with adapter")) if key in report]
+    fig, axes = plt.subplots(1, 2, figsize=(7, 3.2))
+    for ax, field, title in ((axes[0], "value", report["metric"]), (axes[1], "loss", "validation loss")):
+        values = [r[field] for _, r in runs]
+        bars = ax.bar([label for label, _ in runs], values, color=["#999999", "#1f77b4"][-len(runs):])
+        ax.bar_label(bars, fmt="%.2f")
+        ax.set_title(title)
+        ax.set_ylim(0, max(values) * 1.2 or 1)
+    fig.suptitle(f"{report['model']}: {report['val_rows']} validation rows, {report.get('steps', '?')} steps")
+    fig.tight_layout()
+    _save(fig, png)

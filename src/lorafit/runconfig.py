@@ -14,6 +14,7 @@ from pydantic import ConfigDict, TypeAdapter, ValidationError
 
 from .config import ConfigError, LoraConfig
 from .data import DataConfig
+from .fast import PRECISIONS
 
 STRICT = ConfigDict(extra="forbid")  # an unknown key is an error, never silently ignored
 
@@ -49,6 +50,7 @@ class TrainConfig:
     log_every: int = 10  # metrics line every N steps
     seed: int = 0  # data order, dropout and new-weight init
     tensorboard: bool = False  # also write TensorBoard scalars under out/tensorboard
+    precision: str = "auto"  # "bf16": frozen base in bf16, LoRA in fp32; "fp32": exact; "auto": bf16 where fast
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "log_every"):
@@ -57,6 +59,8 @@ class TrainConfig:
         for name in ("warmup_steps", "eval_every", "save_every", "clip", "weight_decay"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"need lr > 0 and 0 <= min_lr_ratio <= 1, got lr={self.lr}, "
                               f"min_lr_ratio={self.min_lr_ratio}")

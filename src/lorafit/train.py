@@ -21,13 +21,15 @@ from tqdm import tqdm
 
 import lorafit
 
+from .adapter_io import LABELS_FILE
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import Example, batches, encode, label_set, load_splits
 from .evaluate import mean_loss, score
+from .fast import autocast, dtype_for, loss_of, prepare, resolve_precision
 from .files import write_json
 from .models import load_model
 from .optim import lr_at, make_optimizer, set_lr
-from .report import MetricsLog, plot_loss
+from .report import MetricsLog, plot_before_after, plot_loss
 from .runconfig import RunConfig
 
 
@@ -38,14 +40,22 @@ def train(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] = pri
     torch.manual_seed(cfg.train.seed)
     train_rows, val_rows, fmt = load_splits(cfg.data, seed=cfg.train.seed, log=log)
     labels = label_set(train_rows, val_rows) if cfg.model.task == "classification" else None
-    model, tokenizer = load_model(cfg.model.name, task=cfg.model.task, labels=labels)
+    precision = resolve_precision(cfg.train.precision)
+    cfg = replace(cfg, train=replace(cfg.train, precision=precision))  # from here on: "bf16" or "fp32"
+    log(f"precision: {precision}" + (" (frozen base in bf16, LoRA weights and optimizer in fp32)"
+                                     if precision == "bf16" else " (exact)"))
+    model, tokenizer = load_model(cfg.model.name, task=cfg.model.task, labels=labels, dtype=dtype_for(precision))
     train_set = encode(train_rows, fmt, tokenizer, cfg.data, labels)
     val_set = encode(val_rows, fmt, tokenizer, cfg.data, labels)
     eval_rows, eval_set = val_rows[:cfg.eval.limit], val_set[:cfg.eval.limit]
     metric = pick_metric(cfg, fmt)
-    evaluate = lambda: score(model, tokenizer, metric, eval_rows, eval_set, fmt,  # noqa: E731
-                             cfg.eval.batch_size, cfg.eval.max_new_tokens, log)
-    report = {"model": cfg.model.name, "format": fmt, "metric": metric, "labels": labels,
+
+    def evaluate() -> dict:
+        with autocast(precision, model):
+            return score(model, tokenizer, metric, eval_rows, eval_set, fmt, cfg.eval.batch_size,
+                         cfg.eval.max_new_tokens, log)
+
+    report = {"model": cfg.model.name, "precision": precision, "format": fmt, "metric": metric, "labels": labels,
               "train_rows": len(train_rows), "val_rows": len(eval_rows)}
     if cfg.eval.compare_base and not resume:
         log("scoring the base model ...")
@@ -53,6 +63,7 @@ def train(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] = pri
 
     lora_cfg = adapter_config(cfg, model)
     lorafit.inject(model, lora_cfg)
+    prepare(model, precision)
     log(lorafit.trainable_report(model))
     optimizer = make_optimizer(model, cfg.train.lr, cfg.train.weight_decay)
     state = {"step": 0, "micro_batches": 0, "seconds": 0.0}
@@ -61,11 +72,14 @@ def train(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] = pri
 
     state = run_loop(model, optimizer, train_set, val_set, cfg, state, tokenizer.pad_token_id, log)
     info = lorafit.save_adapter(model, out / "adapter")
+    if labels is not None:  # the head's classes, in order: what a later load needs to size the head
+        write_json(out / "adapter" / LABELS_FILE, labels)
     log(f"adapter saved to {info['path']} ({info['file_bytes']:,} bytes)")
     report.update(steps=state["step"], train_seconds=round(state["seconds"], 1), adapter=info,
                   trainable=lorafit.trainable_report(model))
     report["tuned"] = evaluate()
     plot_loss(out / "metrics.jsonl", out / "loss.png")
+    plot_before_after(report, out / "before_after.png")
     write_json(out / "results.json", report)
     return report
 
@@ -85,7 +99,9 @@ def adapter_config(cfg: RunConfig, model: nn.Module) -> lorafit.LoraConfig:
     if cfg.model.task == "classification":
         head = next(n for n in ("classifier", "score") if hasattr(model, n))
         extra = [head] if head not in cfg.lora.modules_to_save else []
-    return replace(cfg.lora, base_model=cfg.model.name, modules_to_save=[*cfg.lora.modules_to_save, *extra])
+    task_type = "SEQ_CLS" if cfg.model.task == "classification" else "CAUSAL_LM"
+    return replace(cfg.lora, base_model=cfg.model.name, task_type=task_type,
+                   modules_to_save=[*cfg.lora.modules_to_save, *extra])
 
 
 def _resume(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, log: Callable[[str], None]) -> dict:
@@ -106,12 +122,14 @@ def micro_batches(examples: list[Example], batch_size: int, pad_id: int, seed: i
                            start=skip if epoch == first_epoch else 0)
 
 
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, parts: list[dict], clip: float) -> tuple:
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, parts: list[dict], clip: float,
+               precision: str = "fp32") -> tuple:
     """One optimizer step over `parts` (gradient accumulation); returns (mean loss, tokens seen)."""
     model.train()
     total, tokens = 0.0, 0
     for batch in parts:
-        loss = model(**batch).loss / len(parts)
+        with autocast(precision, model):
+            loss = loss_of(model, batch) / len(parts)
         loss.backward()
         total += loss.item()
         tokens += int(batch["attention_mask"].sum())
@@ -154,13 +172,15 @@ def run_loop(model: nn.Module, optimizer: torch.optim.Optimizer, train_set: list
             step, started = state["step"], time.perf_counter()
             lr = lr_at(step, t.lr, t.warmup_steps, t.steps, t.min_lr_ratio)
             set_lr(optimizer, lr)
-            loss, tokens = train_step(model, optimizer, [next(stream) for _ in range(t.grad_accum)], t.clip)
+            loss, tokens = train_step(model, optimizer, [next(stream) for _ in range(t.grad_accum)], t.clip,
+                                      t.precision)
             seconds = time.perf_counter() - started
             state = {"step": step + 1, "micro_batches": state["micro_batches"] + t.grad_accum,
                      "seconds": state["seconds"] + seconds}
             row = {"step": step + 1, "loss": round(loss, 5), "lr": lr, "tokens_per_s": round(tokens / seconds, 1)}
             if (t.eval_every and (step + 1) % t.eval_every == 0) or step + 1 == t.steps:
-                row["eval_loss"] = round(mean_loss(model, val_set, cfg.eval.batch_size, pad_id), 5)
+                with autocast(t.precision, model):
+                    row["eval_loss"] = round(mean_loss(model, val_set, cfg.eval.batch_size, pad_id), 5)
             metrics.write(row, log if (step + 1) % t.log_every == 0 or "eval_loss" in row else None)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
             bar.update(1)

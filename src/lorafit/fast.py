@@ -1,0 +1,181 @@
+"""The fast training path: a frozen bf16 base, fp32 LoRA weights and optimizer, and a loss that skips the logits.
+
+Where the time of a LoRA step goes on a CPU (SmolLM2-135M, 8 x 128 tokens): the frozen weights need no gradient,
+so a step is about two forward passes of matrix multiplies, which bf16 matrix units run ~7x faster than fp32.
+What is left besides them is mostly the output layer: a (tokens x 49,152) logits tensor in fp32, its
+log-softmax and its gradient, hundreds of MB written and read back on every step. `linear_cross_entropy` never
+builds it: it walks the tokens in chunks small enough to stay in cache, computing each chunk's loss and its
+gradient with respect to the hidden states at once (the gradient is kept for backward). Prompt tokens whose
+label is masked (-100) are dropped before the output layer, so an instruction-tuning step pays only for the
+answer tokens.
+
+No maintained library does this on CPU: the fused linear-cross-entropy kernels that exist (Liger, Apple's
+cut-cross-entropy) are Triton kernels for GPUs.
+
+`precision="fp32"` is the exact path: every tensor stays fp32 and the loss equals transformers' own to float
+rounding (tests compare the two). `precision="bf16"` casts the frozen weights to bf16; the trainable weights
+(LoRA A and B, a classifier head) and the optimizer stay fp32, and LoRA's branch computes in fp32.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+PRECISIONS = ("auto", "bf16", "fp32")
+CHUNK = 128  # rows of logits per chunk: 128 x 49,152 fp32 is 24 MiB, under glibc's 32 MiB mmap threshold
+_SCALED_LOGITS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def bf16_supported() -> bool:
+    """True when this machine multiplies bf16 matrices natively (CUDA, or a CPU with AVX512-BF16 or AMX)."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(requested: str) -> str:
+    """"auto" -> "bf16" where the hardware supports it, else "fp32"; "bf16" and "fp32" are taken as asked."""
+    if requested not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {requested!r}")
+    if requested == "auto":
+        return "bf16" if bf16_supported() else "fp32"
+    return requested
+
+
+def cast_frozen(model: nn.Module, dtype: torch.dtype) -> int:
+    """Cast every frozen floating-point parameter to `dtype` in place (tied weights stay tied); returns how many.
+
+    Trainable parameters keep their dtype: LoRA's A and B and a new head are trained (and saved) in fp32.
+    """
+    count = 0
+    for param in model.parameters():
+        if not param.requires_grad and param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+            count += 1
+    return count
+
+
+def dtype_for(precision: str) -> torch.dtype:
+    """The dtype the frozen base is loaded in for a resolved precision."""
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def autocast(precision: str, model: nn.Module):
+    """bf16 autocast on the model's device for precision "bf16" (a no-op for "fp32").
+
+    Autocast lets fp32 trainable weights (LoRA's A and B, a head) meet the bf16 activations of the frozen base:
+    their products run in bf16, their gradients and optimizer state stay fp32.
+    """
+    device = next(model.parameters()).device.type
+    return torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def prepare(model: nn.Module, precision: str) -> None:
+    """Set up a model (frozen base already loaded in dtype_for(precision), adapters injected) for training.
+
+    Trainable parameters go to fp32. With bf16, attention runs eagerly: at the sequence lengths fine-tuning
+    uses, the backward of PyTorch's CPU flash-attention kernel is slower than plain matrix products.
+    """
+    for param in model.parameters():
+        if param.requires_grad and param.is_floating_point() and param.dtype != torch.float32:
+            param.data = param.data.float()
+    if precision == "bf16" and hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation("eager")
+
+
+def loss_of(model: nn.Module, batch: dict) -> torch.Tensor:
+    """The training loss of `batch`: the chunked next-token loss for language models, the model's own otherwise."""
+    labels = batch.get("labels")
+    if labels is not None and labels.dim() == 2 and labels.shape == batch["input_ids"].shape:
+        return causal_lm_loss(model, batch)
+    return model(**batch).loss
+
+
+def output_layer(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
+    """(body giving the final hidden states, frozen output Linear) when logits are exactly linear(hidden), else None.
+
+    None for models that scale or cap their logits, or whose output layer trains or carries an adapter: their
+    loss goes through the model's own forward.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    body = getattr(model, "base_model", None)
+    config = getattr(model, "config", None)
+    if type(head) is not nn.Linear or head.weight.requires_grad or body is None or body is model:
+        return None
+    if any(getattr(config, name, None) not in (None, 1, 1.0) for name in _SCALED_LOGITS):
+        return None
+    return body, head
+
+
+def causal_lm_loss(model: nn.Module, batch: dict, chunk: int = CHUNK) -> torch.Tensor:
+    """Mean next-token cross-entropy over the labelled tokens of `batch`, as model(**batch).loss computes it.
+
+    Uses the chunked output layer when the model allows (see `output_layer`), the model's own forward otherwise.
+    """
+    parts = output_layer(model)
+    if parts is None or "labels" not in batch:
+        return model(**batch).loss
+    body, head = parts
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    hidden = body(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
+    targets = batch["labels"][:, 1:]  # token t predicts token t+1
+    keep = targets != -100
+    picked = hidden[:, :-1][keep]  # (N, H): only the positions that carry a label
+    if picked.shape[0] == 0:
+        raise ValueError("no labelled tokens in the batch: every label is -100 (were answers truncated away?)")
+    return linear_cross_entropy(picked, head.weight, targets[keep], head.bias, chunk)
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         bias: torch.Tensor | None = None, chunk: int = CHUNK) -> torch.Tensor:
+    """mean_i CE(hidden_i @ weight.T + bias, targets_i) without building the (N, vocab) logits.
+
+    hidden (N, H) may require grad; weight (V, H) and bias (V,) are frozen. Matrix products run in the inputs'
+    dtype, softmax and the loss in fp32.
+    """
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
+        raise ValueError("linear_cross_entropy: the output layer must be frozen (its gradient is not computed)")
+    if hidden.requires_grad and torch.is_grad_enabled():
+        return _LinearCrossEntropy.apply(hidden, weight, targets, bias, chunk)
+    return _loss_and_grad(hidden, weight, targets, bias, chunk, want_grad=False)[0]
+
+
+def _loss_and_grad(hidden, weight, targets, bias, chunk: int, want_grad: bool):
+    """(mean loss, d mean loss / d hidden or None), one chunk of rows at a time."""
+    n = hidden.shape[0]
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    grad = torch.empty_like(hidden) if want_grad else None
+    for start in range(0, n, chunk):
+        rows = slice(start, min(start + chunk, n))
+        logits = F.linear(hidden[rows], weight, bias).float()  # (c, V)
+        y = targets[rows]
+        lse = torch.logsumexp(logits, dim=-1)  # (c,)
+        total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+        if want_grad:  # d CE / d logits = softmax - onehot; then back through the linear layer
+            probs = logits.sub_(lse[:, None]).exp_()
+            probs[torch.arange(probs.shape[0], device=probs.device), y] -= 1.0
+            grad[rows] = (probs.to(weight.dtype) @ weight).div_(n)
+    return total / n, grad
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """The loss's gradient is computed in forward, chunk by chunk, and only scaled in backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, bias, chunk):
+        loss, grad = _loss_and_grad(hidden.detach(), weight, targets, bias, chunk, want_grad=True)
+        ctx.save_for_backward(grad)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_loss.to(grad.dtype), None, None, None, None
