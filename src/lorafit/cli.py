@@ -15,6 +15,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="LoRA fine-tuning: train small adapters, save them in PEFT's format, merge, generate.")
 reproduce_app = typer.Typer(no_args_is_help=True, help="Reproduce the source talks' experiments.")
 app.add_typer(reproduce_app, name="reproduce")
+bench_app = typer.Typer(no_args_is_help=True, help="Measure speed and memory (results go to bench.json / bench.md).")
+app.add_typer(bench_app, name="bench")
 EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 
@@ -177,6 +179,44 @@ def models():
     for row in list_models():
         table.add_row(row["name"], row["task"], row["params"], "yes" if row["cached"] else "no", row["description"])
     Console().print(table)
+
+
+@bench_app.command("train")
+def bench_train(
+    model: Annotated[str, typer.Option(help="preset, model folder or .gguf file")] = "smollm2-135m-instruct",
+    data: Annotated[Path | None, typer.Option(help="JSONL file whose text is cut into token windows")] = None,
+    batch_size: Annotated[int, typer.Option(help="rows per step")] = 8,
+    seq_len: Annotated[int, typer.Option(help="tokens per row")] = 128,
+    r: Annotated[int, typer.Option(help="LoRA rank")] = 8,
+    targets: Annotated[str, typer.Option(help="comma-separated LoRA targets")] = "q_proj,v_proj",
+    warmup: Annotated[int, typer.Option(help="untimed steps per setup")] = 2,
+    steps: Annotated[int, typer.Option(help="timed steps per setup")] = 5,
+    setups: Annotated[str, typer.Option(help="comma-separated subset of the setups")] = ",".join(
+        ("lorafit-fast", "lorafit-fp32", "peft-best", "peft-fp32", "full-fp32")),
+    out: Annotated[Path, typer.Option(help="output folder")] = Path("runs/bench-train")):
+    """lorafit's training step against PEFT's (best and fp32) and full fine-tuning, interleaved, same batches."""
+    from .bench.train import TrainBench, format_table, run
+
+    extra = {"data": str(data)} if data else {}
+    cfg = TrainBench(model=model, batch_size=batch_size, seq_len=seq_len, r=r, targets=targets.split(","),
+                     warmup=warmup, steps=steps, setups=setups.split(","), out=str(out), **extra)
+    print(format_table(run(cfg, log=log)))
+
+
+@bench_app.command("latency")
+def bench_latency(
+    model: Annotated[str, typer.Option(help="preset, model folder or .gguf file")] = "smollm2-135m-instruct",
+    batch_size: Annotated[int, typer.Option(help="rows per forward pass")] = 1,
+    seq_len: Annotated[int, typer.Option(help="tokens per row")] = 128,
+    precision: Annotated[str, typer.Option(help="fp32 or bf16")] = "fp32",
+    repeats: Annotated[int, typer.Option(help="timed forward passes per model")] = 20,
+    out: Annotated[Path, typer.Option(help="output folder")] = Path("runs/bench-latency")):
+    """Forward latency: base model, base + unmerged LoRA, merged model (interleaved medians)."""
+    from .bench.latency import LatencyBench, format_table, run
+
+    cfg = LatencyBench(model=model, batch_size=batch_size, seq_len=seq_len, precision=precision, repeats=repeats,
+                       out=str(out))
+    print(format_table(run(cfg, log=log)))
 
 
 @app.command()

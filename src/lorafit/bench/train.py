@@ -1,0 +1,224 @@
+"""`lorafit bench train`: one LoRA training step, lorafit against PEFT + transformers and full fine-tuning.
+
+Each setup lives in its own worker process (so its peak RSS is its own), all loaded from the same model folder
+and fed the same token batches. The driver then runs their steps interleaved, one setup at a time in a rotating
+order, so that a machine that speeds up or slows down during the run touches every setup alike. Warm-up steps
+are dropped; the median of the timed steps is reported.
+
+Setups (the peer's rows are the ones it documents as its best and its default):
+  lorafit-fast  lorafit's training step as `lorafit train` runs it with precision bf16
+  lorafit-fp32  the same with precision fp32 (exact)
+  peft-best     PEFT on a bf16 base, fp32 LoRA weights, bf16 autocast, transformers' loss
+  peft-fp32     PEFT, everything fp32
+  full-fp32     full fine-tuning, fp32, no LoRA
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..files import write_json, write_text
+from .common import EXAMPLE_DATA, forward_flops, machine, markdown, matmul_peak, median, text_batches
+
+SETUPS = ("lorafit-fast", "lorafit-fp32", "peft-best", "peft-fp32", "full-fp32")
+
+
+@dataclass
+class TrainBench:
+    model: str = "smollm2-135m-instruct"  # preset, model folder or .gguf file
+    data: str = str(EXAMPLE_DATA)  # JSONL whose text fields are cut into batch_size x seq_len token windows
+    batch_size: int = 8
+    seq_len: int = 128
+    r: int = 8
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    warmup: int = 2  # steps per setup left out of the timing
+    steps: int = 5  # timed steps per setup
+    threads: int = 0  # torch threads per worker (0: torch's default)
+    setups: list[str] = field(default_factory=lambda: list(SETUPS))
+    out: str = "runs/bench-train"
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.setups) - set(SETUPS))
+        if unknown or not self.setups:
+            raise ValueError(f"unknown setup(s) {unknown}; choose from {', '.join(SETUPS)}")
+        if min(self.batch_size, self.seq_len, self.r, self.steps) < 1 or self.warmup < 0:
+            raise ValueError("batch_size, seq_len, r and steps must be >= 1, warmup >= 0")
+
+
+def run(cfg: TrainBench, log=print) -> dict:
+    """Prepare the model folder and batches, run the interleaved benchmark, write bench.json and bench.md."""
+    from ..models import load_model, save_merged
+
+    out = Path(cfg.out)
+    folder = out / "model"
+    if not (folder / "config.json").is_file():  # transformers reads a plain folder in seconds; GGUF takes ~20 s
+        log(f"writing {cfg.model} as a plain model folder for the workers ...")
+        model, tokenizer = load_model(cfg.model)
+        save_merged(model, tokenizer, folder, overwrite=True)
+    else:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    batches = text_batches(tokenizer, Path(cfg.data), cfg.warmup + cfg.steps, cfg.batch_size, cfg.seq_len)
+    torch.save(batches, out / "batches.pt")
+    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    log(f"matmul peak here: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s")
+
+    workers = {name: _start(name, cfg, folder, out, log) for name in cfg.setups}
+    times: dict[str, list[float]] = {name: [] for name in cfg.setups}
+    losses: dict[str, float] = {}
+    try:
+        for i in range(cfg.warmup + cfg.steps):
+            order = cfg.setups[i % len(cfg.setups):] + cfg.setups[:i % len(cfg.setups)]
+            for name in order:
+                reply = _ask(workers[name], {"step": i})
+                losses[name] = reply["loss"]
+                if i >= cfg.warmup:
+                    times[name].append(reply["seconds"])
+            log(f"round {i + 1}/{cfg.warmup + cfg.steps}: " + ", ".join(f"{n} {times[n][-1]:.2f}s"
+                                                                         for n in order if times[n]))
+        rss = {name: _ask(workers[name], {"end": True})["peak_rss_mb"] for name in cfg.setups}
+    finally:
+        for proc in workers.values():
+            proc.kill()
+    return _report(cfg, folder, peaks, times, losses, rss, out)
+
+
+def _report(cfg, folder, peaks, times, losses, rss, out: Path) -> dict:
+    from transformers import AutoConfig
+
+    tokens = cfg.batch_size * cfg.seq_len
+    fwd = forward_flops(AutoConfig.from_pretrained(folder), tokens, cfg.seq_len)
+    rows = []
+    for name in cfg.setups:
+        step = median(times[name])
+        flops = fwd * (3 if name.startswith("full") else 2)  # LoRA: forward + activation gradients only
+        peak = peaks["bf16" if name in ("lorafit-fast", "peft-best") else "fp32"]
+        rows.append({"name": name, "tokens_per_s": round(tokens / step, 1), "step_s": round(step, 4),
+                     "peak_rss_mb": round(rss[name]), "final_loss": round(losses[name], 4),
+                     "gflops": round(flops / step / 1e9, 1), "peak_share": round(flops / step / 1e9 / peak, 3)})
+    result = {"machine": {**machine(), "matmul_peak_gflops": {k: round(v) for k, v in peaks.items()}},
+              "config": asdict(cfg), "rows": rows}
+    write_json(out / "bench.json", result)
+    write_text(out / "bench.md", format_table(result))
+    return result
+
+
+def format_table(result: dict) -> str:
+    rows = result["rows"]
+    by = {r["name"]: r for r in rows}
+    ref = by.get("peft-best")
+    headers = ["setup", "tokens/s", "step s", "vs peft-best", "peak RSS MB", "GFLOP/s", "of matmul peak",
+               "loss (last step)"]
+    table = [[r["name"], f"{r['tokens_per_s']:,.0f}", f"{r['step_s']:.3f}",
+              f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if ref else "-", f"{r['peak_rss_mb']:,}",
+              f"{r['gflops']:.0f}", f"{100 * r['peak_share']:.0f}%", f"{r['final_loss']:.4f}"] for r in rows]
+    m = result["machine"]
+    return (markdown(headers, table) + f"\n\nMachine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads, "
+            f"torch {m['torch']}, allocator {m['allocator']}; matmul peak fp32 {m['matmul_peak_gflops']['fp32']} "
+            f"/ bf16 {m['matmul_peak_gflops']['bf16']} GFLOP/s.\n")
+
+
+def _start(name: str, cfg: TrainBench, folder: Path, out: Path, log) -> subprocess.Popen:
+    log(f"starting worker {name} ...")
+    proc = subprocess.Popen([sys.executable, "-m", "lorafit.bench.train", name, json.dumps(asdict(cfg)),
+                             str(folder), str(out / "batches.pt")], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)
+    _read(proc)  # {"ready": true} once the model is loaded
+    return proc
+
+
+def _ask(proc: subprocess.Popen, message: dict) -> dict:
+    proc.stdin.write(json.dumps(message) + "\n")
+    proc.stdin.flush()
+    return _read(proc)
+
+
+def _read(proc: subprocess.Popen) -> dict:
+    line = proc.stdout.readline()
+    if not line:
+        raise RuntimeError(f"benchmark worker {proc.args[3]} died (exit {proc.wait()}); its error is above")
+    return json.loads(line)
+
+
+def build_step(name: str, cfg: TrainBench, folder: str):
+    """The setup's model and a function batch -> (seconds, loss) doing one full optimizer step."""
+    from transformers import AutoModelForCausalLM
+
+    bf16 = name in ("lorafit-fast", "peft-best")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16 if bf16 else torch.float32)
+    if name.startswith("lorafit"):
+        return _lorafit_step(model, cfg, "bf16" if bf16 else "fp32")
+    if name.startswith("peft"):
+        import peft
+
+        lora = peft.LoraConfig(r=cfg.r, lora_alpha=2 * cfg.r, target_modules=cfg.targets, task_type="CAUSAL_LM")
+        model = peft.get_peft_model(model, lora)  # adapter weights in fp32 (PEFT's autocast_adapter_dtype)
+    else:
+        model.requires_grad_(True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+
+    def step(batch: dict) -> tuple[float, float]:
+        started = time.perf_counter()
+        model.train()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - started, loss.item()
+
+    return step
+
+
+def _lorafit_step(model, cfg: TrainBench, precision: str):
+    import lorafit
+
+    from ..fast import prepare
+    from ..optim import make_optimizer
+    from ..train import train_step
+
+    lorafit.inject(model, lorafit.LoraConfig(r=cfg.r, alpha=2 * cfg.r, targets=list(cfg.targets)))
+    prepare(model, precision)
+    optimizer = make_optimizer(model, lr=1e-4, weight_decay=0.0)
+
+    def step(batch: dict) -> tuple[float, float]:
+        started = time.perf_counter()
+        loss, _ = train_step(model, optimizer, [batch], clip=1.0, precision=precision)
+        return time.perf_counter() - started, loss
+
+    return step
+
+
+def worker(name: str, cfg_json: str, folder: str, batches_path: str) -> None:
+    """Load one setup, then answer {"step": i} with {"seconds", "loss"} and {"end": true} with peak RSS."""
+    replies, sys.stdout = sys.stdout, sys.stderr  # whatever the libraries print must not garble the replies
+    cfg = TrainBench(**json.loads(cfg_json))
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    batches = torch.load(batches_path, weights_only=True)
+    step = build_step(name, cfg, folder)
+    print(json.dumps({"ready": True}), file=replies, flush=True)
+    for line in sys.stdin:
+        message = json.loads(line)
+        if message.get("end"):
+            peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux: kilobytes
+            print(json.dumps({"peak_rss_mb": peak_kb / 1024}), file=replies, flush=True)
+            return
+        ids = batches[message["step"]]
+        seconds, loss = step({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
+        print(json.dumps({"seconds": seconds, "loss": loss}), file=replies, flush=True)
+
+
+if __name__ == "__main__":
+    worker(*sys.argv[1:5])
