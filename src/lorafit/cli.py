@@ -209,7 +209,7 @@ def bench_latency(
     batch_size: Annotated[int, typer.Option(help="rows per forward pass")] = 1,
     seq_len: Annotated[int, typer.Option(help="tokens per row")] = 128,
     precision: Annotated[str, typer.Option(help="fp32 or bf16")] = "fp32",
-    repeats: Annotated[int, typer.Option(help="timed forward passes per model")] = 20,
+    repeats: Annotated[int, typer.Option(help="timed forward passes per model")] = 50,
     out: Annotated[Path, typer.Option(help="output folder")] = Path("runs/bench-latency")):
     """Forward latency: base model, base + unmerged LoRA, merged model (interleaved medians)."""
     from .bench.latency import LatencyBench, format_table, run

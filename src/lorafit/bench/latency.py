@@ -29,7 +29,7 @@ class LatencyBench:
     targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     precision: str = "fp32"  # "fp32" or "bf16": the dtype of all three models
     warmup: int = 3
-    repeats: int = 20
+    repeats: int = 50
     out: str = "runs/bench-latency"
 
 
