@@ -44,8 +44,9 @@ def test_train_eval_merge_generate_end_to_end_on_a_tiny_model(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text(f"model:\n  name: {model}\ndata:\n  train: train.jsonl\n  val_fraction: 0.25\n"
                       f"lora:\n  targets: all-linear\ntrain:\n  steps: 3\n  batch_size: 2\nout: {tmp_path / 'run'}\n")
-    done = lorafit("train", str(config), "--train.lr", "1e-2", "--eval.max_new_tokens", "2")
+    done = lorafit("train", str(config), "--train.lr", "1e-2", "--eval.max_new_tokens", "2", "--precision", "fp32")
     assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["precision"] == "fp32"
     assert "with adapter" in done.stdout and (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
     done = lorafit("eval", str(config))
     assert done.returncode == 0 and "run" in done.stdout and "base" in done.stdout, done.stderr

@@ -50,12 +50,13 @@ def reproduce_flip(
 @app.command(context_settings=EXTRA)
 def train(ctx: typer.Context,
           config: Annotated[Path, typer.Argument(help="YAML config (sections model, lora, data, train, eval, out)")],
-          resume: Annotated[bool, typer.Option(help="continue from the latest checkpoint in the out folder")] = False):
+          resume: Annotated[bool, typer.Option(help="continue from the latest checkpoint in the out folder")] = False,
+          precision: Annotated[str | None, typer.Option(help="auto, bf16 or fp32 (= --train.precision)")] = None):
     """Fine-tune a LoRA adapter as CONFIG says; extra `--section.key value` options override the file."""
     from .runconfig import load_run_config
     from .train import train as run
 
-    cfg = load_run_config(config, ctx.args)
+    cfg = load_run_config(config, [*ctx.args, *(["--train.precision", precision] if precision else [])])
     report = run(cfg, resume=resume, log=log)
     _print_before_after(report)
 

@@ -32,8 +32,14 @@ class LowRank(nn.Module):
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """B A x * scale for x (..., in); computed in the adapter's dtype, so a bf16 base keeps fp32 LoRA maths."""
-        h = self.dropout(x.to(self.lora_A.dtype)) @ self.lora_A.T  # (..., r)
+        """B A x * scale for x (..., in), in the adapter's dtype (a bf16 base keeps fp32 LoRA maths).
+
+        Under autocast x is left as it comes: autocast picks the product's dtype, and an fp32 copy of x would
+        only cost memory (it is kept for the backward pass) and time.
+        """
+        if not torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.lora_A.dtype)
+        h = self.dropout(x) @ self.lora_A.T  # (..., r)
         return (h @ self.lora_B.T) * self.scale  # (..., out)
 
     def delta_weight(self) -> torch.Tensor:
