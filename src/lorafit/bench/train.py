@@ -105,11 +105,22 @@ def _report(cfg, folder, peaks, times, losses, rss, out: Path) -> dict:
         rows.append({"name": name, "tokens_per_s": round(tokens / step, 1), "step_s": round(step, 4),
                      "peak_rss_mb": round(rss[name]), "final_loss": round(losses[name], 4),
                      "gflops": round(flops / step / 1e9, 1), "peak_share": round(flops / step / 1e9 / peak, 3)})
+    config = {**asdict(cfg), "data": _shown(cfg.data), "out": _shown(cfg.out)}
     result = {"machine": {**machine(), "matmul_peak_gflops": {k: round(v) for k, v in peaks.items()}},
-              "config": asdict(cfg), "rows": rows}
+              "config": config, "rows": rows}
     write_json(out / "bench.json", result)
     write_text(out / "bench.md", format_table(result))
     return result
+
+
+def _shown(path: str) -> str:
+    """A path as the report shows it: relative to the working folder (or the repository) when inside it."""
+    for root in (Path.cwd(), EXAMPLE_DATA.parents[2]):
+        try:
+            return str(Path(path).resolve().relative_to(root.resolve()))
+        except ValueError:
+            continue
+    return str(path)
 
 
 def format_table(result: dict) -> str:
