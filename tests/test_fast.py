@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from conftest import randomize_lora, tiny_gpt2, tiny_llama
 
 import lorafit
-from lorafit.fast import cast_frozen, causal_lm_loss, linear_cross_entropy, output_layer, resolve_precision
+from lorafit.fast import cast_frozen, causal_lm_loss, linear_cross_entropy, output_layer, prepare, resolve_precision
 
 
 def batch(seed: int = 0) -> dict:
@@ -86,3 +86,19 @@ def test_precision_names():
     assert resolve_precision("fp32") == "fp32" and resolve_precision("auto") in ("bf16", "fp32")
     with pytest.raises(ValueError, match="precision must be one of auto, bf16, fp32"):
         resolve_precision("fp16")
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_lora_gradients():
+    grads = []
+    for checkpointing in (False, True):
+        model = lorafit.inject(tiny_llama(), lorafit.LoraConfig(r=4, targets=["q_proj", "v_proj"], dropout=0.0))
+        randomize_lora(model)
+        prepare(model, "fp32", checkpointing=checkpointing)
+        model.train()
+        loss = causal_lm_loss(model, batch())
+        loss.backward()
+        grads.append((loss.detach(), [p.grad for p in model.parameters() if p.requires_grad]))
+    assert model.model.gradient_checkpointing
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    for a, b in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(a, b)

@@ -78,12 +78,18 @@ def autocast(precision: str, model: nn.Module):
     return torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
-def prepare(model: nn.Module, precision: str) -> None:
+def prepare(model: nn.Module, precision: str, checkpointing: bool = False) -> None:
     """Set up a model (frozen base already loaded in dtype_for(precision), adapters injected) for training.
 
     Trainable parameters go to fp32. With bf16, attention runs eagerly: at the sequence lengths fine-tuning
     uses, the backward of PyTorch's CPU flash-attention kernel is slower than plain matrix products.
+    `checkpointing` keeps only each block's input for backward and recomputes the rest (transformers' own
+    gradient checkpointing, non-reentrant, which works with a frozen embedding).
     """
+    if checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise ValueError(f"{type(model).__name__} does not support gradient checkpointing")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     for param in model.parameters():
         if param.requires_grad and param.is_floating_point() and param.dtype != torch.float32:
             param.data = param.data.float()

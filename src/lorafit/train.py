@@ -63,7 +63,7 @@ def train(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] = pri
 
     lora_cfg = adapter_config(cfg, model)
     lorafit.inject(model, lora_cfg)
-    prepare(model, precision)
+    prepare(model, precision, cfg.train.checkpointing)
     log(lorafit.trainable_report(model))
     optimizer = make_optimizer(model, cfg.train.lr, cfg.train.weight_decay)
     state = {"step": 0, "micro_batches": 0, "seconds": 0.0}

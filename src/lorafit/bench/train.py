@@ -11,6 +11,7 @@ Setups (the peer's rows are the ones it documents as its best and its default):
   peft-best     PEFT on a bf16 base, fp32 LoRA weights, bf16 autocast, transformers' loss
   peft-fp32     PEFT, everything fp32
   full-fp32     full fine-tuning, fp32, no LoRA
+and on request (--setups): lorafit-fast-ckpt, the fast path with gradient checkpointing.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from ..files import write_json, write_text
 from .common import EXAMPLE_DATA, forward_flops, machine, markdown, matmul_peak, median, text_batches
 
 SETUPS = ("lorafit-fast", "lorafit-fp32", "peft-best", "peft-fp32", "full-fp32")
+EXTRA_SETUPS = ("lorafit-fast-ckpt",)  # on request: the fast path with gradient checkpointing
 
 
 @dataclass
@@ -46,9 +48,9 @@ class TrainBench:
     out: str = "runs/bench-train"
 
     def __post_init__(self) -> None:
-        unknown = sorted(set(self.setups) - set(SETUPS))
+        unknown = sorted(set(self.setups) - set(SETUPS) - set(EXTRA_SETUPS))
         if unknown or not self.setups:
-            raise ValueError(f"unknown setup(s) {unknown}; choose from {', '.join(SETUPS)}")
+            raise ValueError(f"unknown setup(s) {unknown}; choose from {', '.join(SETUPS + EXTRA_SETUPS)}")
         if min(self.batch_size, self.seq_len, self.r, self.steps) < 1 or self.warmup < 0:
             raise ValueError("batch_size, seq_len, r and steps must be >= 1, warmup >= 0")
 
@@ -101,7 +103,7 @@ def _report(cfg, folder, peaks, times, losses, rss, out: Path) -> dict:
     for name in cfg.setups:
         step = median(times[name])
         flops = fwd * (3 if name.startswith("full") else 2)  # LoRA: forward + activation gradients only
-        peak = peaks["bf16" if name in ("lorafit-fast", "peft-best") else "fp32"]
+        peak = peaks["bf16" if name.startswith(("lorafit-fast", "peft-best")) else "fp32"]
         rows.append({"name": name, "tokens_per_s": round(tokens / step, 1), "step_s": round(step, 4),
                      "peak_rss_mb": round(rss[name]), "final_loss": round(losses[name], 4),
                      "gflops": round(flops / step / 1e9, 1), "peak_share": round(flops / step / 1e9 / peak, 3)})
@@ -164,10 +166,10 @@ def build_step(name: str, cfg: TrainBench, folder: str):
     """The setup's model and a function batch -> (seconds, loss) doing one full optimizer step."""
     from transformers import AutoModelForCausalLM
 
-    bf16 = name in ("lorafit-fast", "peft-best")
+    bf16 = name.startswith(("lorafit-fast", "peft-best"))
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16 if bf16 else torch.float32)
     if name.startswith("lorafit"):
-        return _lorafit_step(model, cfg, "bf16" if bf16 else "fp32")
+        return _lorafit_step(model, cfg, "bf16" if bf16 else "fp32", checkpointing=name.endswith("-ckpt"))
     if name.startswith("peft"):
         import peft
 
@@ -192,7 +194,7 @@ def build_step(name: str, cfg: TrainBench, folder: str):
     return step
 
 
-def _lorafit_step(model, cfg: TrainBench, precision: str):
+def _lorafit_step(model, cfg: TrainBench, precision: str, checkpointing: bool):
     import lorafit
 
     from ..fast import prepare
@@ -200,7 +202,7 @@ def _lorafit_step(model, cfg: TrainBench, precision: str):
     from ..train import train_step
 
     lorafit.inject(model, lorafit.LoraConfig(r=cfg.r, alpha=2 * cfg.r, targets=list(cfg.targets)))
-    prepare(model, precision)
+    prepare(model, precision, checkpointing)
     optimizer = make_optimizer(model, lr=1e-4, weight_decay=0.0)
 
     def step(batch: dict) -> tuple[float, float]:
