@@ -16,6 +16,11 @@ WORDS = ["hello", "world", "cat", "dog"]
 @pytest.fixture
 def setup(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return tiny_job(tmp_path)
+
+
+def tiny_job(tmp_path):
+    """A saved tiny model and instruction data in `tmp_path`: (tmp_path, model folder)."""
     model = saved_tiny_model(tmp_path / "model")
     rows = [{"instruction": f"{a} {b}", "input": "", "output": b} for a in WORDS for b in WORDS] * 2
     (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")

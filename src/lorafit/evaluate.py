@@ -96,6 +96,7 @@ def evaluate_adapters(cfg, adapters: list[str], with_base: bool, log: Callable[[
     from .adapter_io import load_adapter
     from .data import encode, label_set, load_splits
     from .generate import adapter_name
+    from .methods import is_method_folder, load_method
     from .models import load_model
     from .train import pick_metric
 
@@ -105,12 +106,17 @@ def evaluate_adapters(cfg, adapters: list[str], with_base: bool, log: Callable[[
     rows = val_rows[:cfg.eval.limit]
     examples = encode(rows, fmt, tokenizer, cfg.data, labels)
     metric = pick_metric(cfg, fmt)
-    run = lambda: score(model, tokenizer, metric, rows, examples, fmt, cfg.eval.batch_size,  # noqa: E731
-                        cfg.eval.max_new_tokens, log)
-    results = [{"name": "base", **run()}] if with_base else []  # before any adapter (heads load in place)
+    run = lambda net: score(net, tokenizer, metric, rows, examples, fmt, cfg.eval.batch_size,  # noqa: E731
+                            cfg.eval.max_new_tokens, log)
+    results = [{"name": "base", **run(model)}] if with_base else []  # before any adapter (heads load in place)
     names: list[str] = []
     for path in adapters:
         names.append(adapter_name(path, names))
-        load_adapter(model, path, name=names[-1])
-        results.append({"name": names[-1], **run()})
+        if is_method_folder(path):  # another method changes the model itself: score it on its own copy
+            own, _ = load_model(cfg.model.name, task=cfg.model.task, labels=labels)
+            load_method(own, path)
+            results.append({"name": names[-1], **run(own)})
+        else:
+            load_adapter(model, path, name=names[-1])
+            results.append({"name": names[-1], **run(model)})
     return results

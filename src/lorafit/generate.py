@@ -13,10 +13,13 @@ from transformers import TextStreamer
 import lorafit
 
 from .adapter_io import CONFIG_FILE, LABELS_FILE
+from .methods import METHOD_CONFIG, is_method_folder, load_method
 from .models import load_model
 
 
-def _adapter_json(adapter: str | Path, name: str = CONFIG_FILE):
+def _adapter_json(adapter: str | Path, name: str | None = None):
+    """A JSON file of an adapter folder: by default its config (PEFT's, or a non-LoRA method's)."""
+    name = name or (METHOD_CONFIG if is_method_folder(adapter) else CONFIG_FILE)
     path = Path(adapter) / name
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not found; is {adapter} an adapter folder?")
@@ -36,7 +39,8 @@ def base_model_of(adapter: str | Path) -> str:
 
 def task_of(adapter: str | Path) -> tuple[str, list[str] | None]:
     """(task, class names) an adapter was trained for: PEFT's task_type SEQ_CLS means a classifier."""
-    if _adapter_json(adapter).get("task_type") != "SEQ_CLS":
+    config = _adapter_json(adapter)
+    if config.get("task_type") != "SEQ_CLS" and config.get("task") != "classification":
         return "causal-lm", None
     if not (Path(adapter) / LABELS_FILE).is_file():
         return "classification", None  # a PEFT classifier adapter: the head keeps the checkpoint's size
@@ -70,8 +74,19 @@ def load_with_adapters(model: str | None, adapters: list[str], task: str | None 
     names: list[str] = []
     for path in adapters:
         names.append(adapter_name(path, names))
-        lorafit.load_adapter(net, path, name=names[-1])
+        load_any(net, path, names[-1], alone=len(adapters) == 1)
     return net, tokenizer, names
+
+
+def load_any(model: nn.Module, path: str | Path, name: str, alone: bool = True) -> None:
+    """Load a LoRA adapter folder (PEFT format) or another method's folder (see lorafit.methods) onto `model`."""
+    if not is_method_folder(path):
+        lorafit.load_adapter(model, path, name=name)
+    elif not alone:
+        raise ValueError(f"{path}: a {_adapter_json(path)['method']['name']} result changes the model itself; "
+                         "it loads alone, not beside other adapters")
+    else:
+        load_method(model, path)
 
 
 def render(tokenizer, messages: list[dict] | str) -> str:

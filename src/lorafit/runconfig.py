@@ -84,6 +84,34 @@ class EvalConfig:
             raise ConfigError(f"metric must be auto, exact_match, accuracy or loss, got {self.metric!r}")
 
 
+METHODS = ("lora", "full", "freeze", "bitfit", "adapter", "prefix", "prompt", "mezo", "in-context")
+
+
+@dataclass
+class MethodConfig:
+    """Which parameters train: LoRA (the default) or one of the methods the talks weigh it against."""
+
+    __pydantic_config__ = STRICT
+    name: str = "lora"  # one of METHODS; the YAML may say just `method: full`
+    top_blocks: int = 2  # freeze: train only the top K transformer blocks (plus final norm and a new head)
+    bottleneck: int = 64  # adapter: Houlsby bottleneck size m (2·d·m + d + m parameters per adapter)
+    virtual_tokens: int = 16  # prefix / prompt: how many trainable virtual tokens
+    mezo_params: str = "lora"  # mezo: perturb the LoRA parameters ("lora") or every parameter ("all")
+    mezo_eps: float = 1e-3  # mezo: perturbation scale ε of the two-point gradient estimate (Malladi et al.)
+    shots: int = 4  # in-context: training examples shown in each prompt (no training)
+
+    def __post_init__(self) -> None:
+        if self.name not in METHODS:
+            raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {self.name!r}")
+        if self.mezo_params not in ("lora", "all"):
+            raise ConfigError(f"mezo_params must be 'lora' or 'all', got {self.mezo_params!r}")
+        for key in ("top_blocks", "bottleneck", "virtual_tokens", "shots"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if not self.mezo_eps > 0:
+            raise ConfigError(f"mezo_eps must be > 0, got {self.mezo_eps}")
+
+
 @dataclass
 class RunConfig:
     """Everything `lorafit train` needs. Sections mirror the YAML file."""
@@ -92,6 +120,7 @@ class RunConfig:
     data: DataConfig
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     out: str = "runs/lorafit"  # output folder: adapter/, checkpoints/, metrics.jsonl, loss.png
@@ -113,6 +142,8 @@ def parse_overrides(args: list[str]) -> dict:
             if not items:
                 raise ConfigError(f"override --{key} has no value")
             value = items.pop(0)
+        if key == "method":  # `--method full` is short for `--method.name full`
+            key = "method.name"
         node = tree
         *parents, leaf = key.split(".")
         for part in parents:
@@ -138,6 +169,11 @@ def _resolve_paths(data: dict, config_dir: Path) -> dict:
     return {**data, "data": section} if section else data
 
 
+def _short_method(data: dict) -> dict:
+    """`method: full` is short for `method: {name: full}`."""
+    return {**data, "method": {"name": data["method"]}} if isinstance(data.get("method"), str) else data
+
+
 def load_run_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> RunConfig:
     """Read a YAML config, apply overrides, validate everything; ConfigError names the file and the key."""
     source = str(path) if path else "command line"
@@ -152,7 +188,7 @@ def load_run_config(path: str | os.PathLike | None, overrides: list[str] | None 
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of sections (model, lora, data, train, eval, out)")
         data = _resolve_paths(data, Path(path).parent)
-    data = _merge(data, parse_overrides(overrides or []))
+    data = _merge(_short_method(data), parse_overrides(overrides or []))
     try:
         return TypeAdapter(RunConfig).validate_python(data)
     except ValidationError as err:

@@ -21,14 +21,18 @@ from tqdm import tqdm
 
 import lorafit
 
+from . import methods
 from .adapter_io import LABELS_FILE
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import Example, batches, encode, label_set, load_splits
 from .evaluate import mean_loss, score
 from .fast import autocast, dtype_for, loss_of, prepare, resolve_precision
 from .files import write_json
+from .memory import PeakWindow
+from .methods.incontext import in_context_score
+from .methods.mezo import MeZO
 from .models import load_model
-from .optim import lr_at, make_optimizer, set_lr
+from .optim import lr_at, make_optimizer, set_lr, trainable_parameters
 from .report import MetricsLog, plot_before_after, plot_loss
 from .runconfig import RunConfig
 
@@ -55,28 +59,40 @@ def train(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] = pri
             return score(model, tokenizer, metric, eval_rows, eval_set, fmt, cfg.eval.batch_size,
                          cfg.eval.max_new_tokens, log)
 
-    report = {"model": cfg.model.name, "precision": precision, "format": fmt, "metric": metric, "labels": labels,
-              "train_rows": len(train_rows), "val_rows": len(eval_rows)}
+    report = {"model": cfg.model.name, "method": cfg.method.name, "precision": precision, "format": fmt,
+              "metric": metric, "labels": labels, "train_rows": len(train_rows), "val_rows": len(eval_rows)}
     if cfg.eval.compare_base and not resume:
         log("scoring the base model ...")
-        report["base"] = evaluate()
+        with PeakWindow() as peak:
+            report["base"] = evaluate()
+        report["peak_rss_mb_inference"] = peak.mb
+    if cfg.method.name == "in-context":  # no training: the frozen model with k examples in every prompt
+        report["tuned"] = in_context_score(model, tokenizer, eval_rows, train_rows, fmt, cfg.method.shots,
+                                           cfg.eval.batch_size, cfg.eval.max_new_tokens, cfg.train.seed, log)
+        write_json(out / "results.json", report)
+        return report
 
     lora_cfg = adapter_config(cfg, model)
-    lorafit.inject(model, lora_cfg)
+    methods.setup(model, cfg.method, lora_cfg)
     prepare(model, precision, cfg.train.checkpointing)
-    log(lorafit.trainable_report(model))
-    optimizer = make_optimizer(model, cfg.train.lr, cfg.train.weight_decay)
+    log(f"method: {cfg.method.name}; {lorafit.trainable_report(model)}")
+    if cfg.method.name == "mezo":  # forward passes only: no gradients, no optimizer state
+        optimizer = MeZO([p for _, p in trainable_parameters(model)], cfg.train.lr, cfg.method.mezo_eps,
+                         cfg.train.weight_decay, cfg.train.seed)
+    else:
+        optimizer = make_optimizer(model, cfg.train.lr, cfg.train.weight_decay)
     state = {"step": 0, "micro_batches": 0, "seconds": 0.0}
     if resume:
         state = _resume(out, model, optimizer, log)
 
-    state = run_loop(model, optimizer, train_set, val_set, cfg, state, tokenizer.pad_token_id, log)
-    info = lorafit.save_adapter(model, out / "adapter")
+    with PeakWindow() as peak:
+        state = run_loop(model, optimizer, train_set, val_set, cfg, state, tokenizer.pad_token_id, log)
+    info = methods.save_method(model, out / "adapter", cfg.method, cfg.model.name, cfg.model.task)
     if labels is not None:  # the head's classes, in order: what a later load needs to size the head
         write_json(out / "adapter" / LABELS_FILE, labels)
     log(f"adapter saved to {info['path']} ({info['file_bytes']:,} bytes)")
     report.update(steps=state["step"], train_seconds=round(state["seconds"], 1), adapter=info,
-                  trainable=lorafit.trainable_report(model))
+                  trainable=lorafit.trainable_report(model), peak_rss_mb_train=peak.mb)
     report["tuned"] = evaluate()
     plot_loss(out / "metrics.jsonl", out / "loss.png")
     plot_before_after(report, out / "before_after.png")
@@ -126,13 +142,20 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, parts: list[d
                precision: str = "fp32") -> tuple:
     """One optimizer step over `parts` (gradient accumulation); returns (mean loss, tokens seen)."""
     model.train()
-    total, tokens = 0.0, 0
+    tokens = sum(int(batch["attention_mask"].sum()) for batch in parts)
+    if isinstance(optimizer, MeZO):  # two forward passes over all parts, no backward
+        model.eval()  # both passes must see the same function: no dropout noise in the difference
+
+        def closure() -> torch.Tensor:
+            with autocast(precision, model):
+                return sum(loss_of(model, batch) for batch in parts) / len(parts)
+        return optimizer.step(closure).item(), tokens
+    total = 0.0
     for batch in parts:
         with autocast(precision, model):
             loss = loss_of(model, batch) / len(parts)
         loss.backward()
         total += loss.item()
-        tokens += int(batch["attention_mask"].sum())
     if clip > 0:
         torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], clip)
     optimizer.step()

@@ -36,7 +36,7 @@ def _render(tokenizer, messages: list[dict], generation: bool, row: Row) -> str:
         raise DataError(f"{row.where}: the tokenizer's chat template rejects this conversation ({err})") from None
 
 
-def _instruction_messages(row: Row) -> list[dict]:
+def instruction_messages(row: Row) -> list[dict]:
     """The instruction row as a user turn and an assistant turn."""
     user = row.fields["instruction"] + (f"\n\n{row.fields['input']}" if row.fields["input"].strip() else "")
     return [{"role": "user", "content": user}, {"role": "assistant", "content": row.fields["output"]}]
@@ -65,7 +65,7 @@ def prompt_and_answer(row: Row, fmt: str, tokenizer) -> tuple[str, str]:
     tokenize the prompt with `prompt_ids`, which matches how `encode` tokenized it.
     """
     if fmt == "instruction":
-        prompt = _render(tokenizer, _instruction_messages(row)[:1], True, row) if _has_template(tokenizer) \
+        prompt = _render(tokenizer, instruction_messages(row)[:1], True, row) if _has_template(tokenizer) \
             else _alpaca(row)
         return prompt, row.fields["output"]
     if fmt == "chat":
@@ -126,7 +126,7 @@ def _lm_tokens(row: Row, fmt: str, tokenizer) -> tuple[list[int], list[bool]]:
         ids = _bos(tokenizer) + _ids(tokenizer, row.fields["text"]) + eos
         return ids, [True] * len(ids)
     if _has_template(tokenizer):
-        messages = row.fields["messages"] if fmt == "chat" else _instruction_messages(row)
+        messages = row.fields["messages"] if fmt == "chat" else instruction_messages(row)
         text, spans = _turn_spans(row, messages, tokenizer)
         prefix = []  # the chat template writes bos itself when the model wants one
     elif fmt == "chat":
