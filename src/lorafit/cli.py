@@ -220,6 +220,28 @@ def bench_latency(
     print(format_table(run(cfg, log=log)))
 
 
+@app.command(context_settings=EXTRA)
+def sweep(ctx: typer.Context,
+          config: Annotated[Path, typer.Argument(help="YAML training config every cell starts from")],
+          grid: Annotated[list[str] | None, typer.Option(help="rank, targets, budget or methods (repeatable)")]
+          = None,
+          family: Annotated[str, typer.Option(help="module names for q/k/v/o: llama (q_proj...) or bert (query...)")]
+          = "llama",
+          only: Annotated[str | None, typer.Option(help="comma-separated cell names: run just these")] = None,
+          out: Annotated[Path, typer.Option(help="output folder (cells/, sweep.json, sweep.md, sweep.png)")]
+          = Path("runs/sweep")):
+    """Ablation grid from one config: each cell trains in its own process; finished cells are not re-run.
+
+    Extra `--section.key value` options apply to every cell (e.g. --train.steps 50)."""
+    from .sweep import format_table
+    from .sweep import sweep as run
+
+    result = run(config, grid or ["rank"], out, extra=list(ctx.args), family=family,
+                 only=only.split(",") if only else None, log=log)
+    print(format_table(result))
+    log(f"sweep.json, sweep.md, sweep.png and every cell's run are in {out}")
+
+
 @app.command()
 def inspect(adapter: Annotated[Path, typer.Argument(help="adapter folder")]):
     """Show an adapter's config and tensors (reads safetensors only)."""

@@ -92,7 +92,8 @@ def train(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] = pri
         write_json(out / "adapter" / LABELS_FILE, labels)
     log(f"adapter saved to {info['path']} ({info['file_bytes']:,} bytes)")
     report.update(steps=state["step"], train_seconds=round(state["seconds"], 1), adapter=info,
-                  trainable=lorafit.trainable_report(model), peak_rss_mb_train=peak.mb)
+                  trainable=lorafit.trainable_report(model), peak_rss_mb_train=peak.mb,
+                  trainable_params=sum(p.numel() for _, p in trainable_parameters(model)))
     report["tuned"] = evaluate()
     plot_loss(out / "metrics.jsonl", out / "loss.png")
     plot_before_after(report, out / "before_after.png")
