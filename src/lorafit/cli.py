@@ -154,8 +154,10 @@ def merge(adapter: Annotated[Path, typer.Option(help="adapter folder")],
           overwrite: Annotated[bool, typer.Option(help="replace an existing output folder")] = False):
     """Fold the adapter into the base weights and write a plain model folder (safetensors, config, tokenizer)."""
     from . import generate as gen
+    from .methods import check_mergeable
     from .models import save_merged
 
+    check_mergeable(adapter)
     net, tokenizer, _ = gen.load_with_adapters(model, [str(adapter)], task=task)
     path = save_merged(net, tokenizer, out, overwrite=overwrite)
     log(f"merged model written to {path}")

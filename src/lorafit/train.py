@@ -94,7 +94,9 @@ def train(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] = pri
     report.update(steps=state["step"], train_seconds=round(state["seconds"], 1), adapter=info,
                   trainable=lorafit.trainable_report(model), peak_rss_mb_train=peak.mb,
                   trainable_params=sum(p.numel() for _, p in trainable_parameters(model)))
-    report["tuned"] = evaluate()
+    with PeakWindow() as peak:
+        report["tuned"] = evaluate()
+    report["peak_rss_mb_eval"] = peak.mb
     plot_loss(out / "metrics.jsonl", out / "loss.png")
     plot_before_after(report, out / "before_after.png")
     write_json(out / "results.json", report)

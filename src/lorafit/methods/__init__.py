@@ -35,7 +35,8 @@ from .select import MethodError, head_of, train_all, train_biases, train_head, t
 METHOD_CONFIG = "method_config.json"
 METHOD_WEIGHTS = "method_model.safetensors"
 
-__all__ = ["METHOD_CONFIG", "METHOD_WEIGHTS", "MethodError", "head_of", "is_method_folder", "load_method",
+__all__ = ["METHOD_CONFIG", "METHOD_WEIGHTS", "MethodError", "check_mergeable", "head_of", "is_method_folder",
+           "load_method",
            "save_method", "setup", "uses_lora"]
 
 
@@ -99,6 +100,16 @@ def save_method(model: nn.Module, folder: str | os.PathLike, method, base_model:
 def is_method_folder(folder: str | os.PathLike) -> bool:
     """True for a folder `save_method` wrote for a non-LoRA method."""
     return (Path(folder) / METHOD_CONFIG).is_file()
+
+
+def check_mergeable(folder: str | os.PathLike) -> None:
+    """Refuse to merge what cannot fold into the base weights: adapter layers and virtual tokens stay separate."""
+    if is_method_folder(folder):
+        name = read_method_config(folder)["method"]["name"]
+        if name in ("adapter", "prefix", "prompt"):
+            raise MethodError(f"{folder}: a {name} result adds layers or inputs the base model does not have, so "
+                              "it cannot be merged into a plain model (that extra cost is what LoRA avoids); "
+                              "use it with eval, generate or chat")
 
 
 def read_method_config(folder: str | os.PathLike) -> dict:
