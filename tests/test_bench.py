@@ -2,10 +2,12 @@
 
 import json
 
+import pytest
 import torch
-from conftest import tiny_llama
+from conftest import tiny_gpt2, tiny_llama
 from test_models import saved_tiny_model
 
+from lorafit.bench import latency
 from lorafit.bench.common import forward_flops
 from lorafit.bench.latency import LatencyBench, models
 from lorafit.bench.train import SETUPS, TrainBench, format_table, run
@@ -49,3 +51,70 @@ def test_bench_train_runs_every_setup_in_its_own_worker_and_writes_bench_json(tm
     # Same batches, same starting point: one optimizer step apart at most, every setup sees a similar loss.
     assert max(losses.values()) - min(losses.values()) < 0.5
     assert "| lorafit-fast |" in format_table(saved)
+
+
+def test_latency_settings_parse_and_shrink_divides_batch_sizes_only():
+    assert latency.parse_settings("lecture") == [(32, 512), (16, 256), (1, 128)]
+    assert latency.parse_settings("4x512, 2X256") == [(4, 512), (2, 256)]
+    with pytest.raises(ValueError, match="'4by512'"):
+        latency.parse_settings("4by512,1x128")
+    cfg = LatencyBench(settings=latency.parse_settings("lecture"), shrink=16)
+    assert latency.planned(cfg) == [((32, 512), (2, 512)), ((16, 256), (1, 256)), ((1, 128), (1, 128))]
+    assert latency.planned(LatencyBench(batch_size=3, seq_len=7)) == [((3, 7), (3, 7))]
+    with pytest.raises(ValueError, match="shrink"):
+        latency.planned(LatencyBench(shrink=0))
+
+
+def test_gpt2_medium_random_has_gpt2_mediums_shape_and_parameter_count():
+    from transformers import GPT2LMHeadModel
+
+    with torch.device("meta"):  # shapes only: no 1.4 GB of random weights
+        net = GPT2LMHeadModel(latency.gpt2_medium_config())
+    d, layers, vocab, positions = 1024, 24, 50257, 1024
+    block = 4 * d + (d * 3 * d + 3 * d) + (d * d + d) + (d * 4 * d + 4 * d) + (4 * d * d + d)  # 2 LNs, attn, mlp
+    expected = vocab * d + positions * d + layers * block + 2 * d  # lm head tied to the embedding
+    assert sum(p.numel() for p in net.parameters()) == expected == 354_823_168
+
+
+def test_latency_models_on_gpt2_share_base_weights_and_only_merging_is_exact(ids):
+    nets = models(LatencyBench(bottleneck=4), base=tiny_gpt2())
+    fresh = tiny_gpt2()
+    with torch.no_grad():
+        out = {name: net(input_ids=ids).logits for name, net in nets.items()}
+        assert torch.equal(out["base"], fresh(input_ids=ids).logits)  # building the others left the base alone
+    r, targets = latency.lora_setup(LatencyBench(), nets["base"])
+    assert (r, targets) == (4, ["c_attn"])  # the paper's GPT-2 setting
+    torch.testing.assert_close(out["lora-merged"], out["lora-unmerged"], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(out["adapter"], out["base"]) and not torch.allclose(out["lora-merged"], out["base"])
+    houlsby = [n for n, _ in nets["adapter"].named_modules() if n.endswith(".houlsby")]
+    assert houlsby[:2] == ["transformer.h.0.attn.houlsby", "transformer.h.0.mlp.houlsby"] and len(houlsby) == 4
+    weight = nets["base"].transformer.h[0].mlp.c_fc.weight
+    assert nets["adapter"].transformer.h[0].mlp.c_fc.weight is weight
+    assert nets["lora-unmerged"].transformer.h[0].mlp.c_fc.weight is weight
+    assert nets["lora-merged"].transformer.h[0].mlp.c_fc.weight.data_ptr() != weight.data_ptr()
+
+
+def test_latency_run_times_every_model_at_every_setting_and_quotes_the_lecture(tmp_path):
+    net = tmp_path / "model"
+    saved_tiny_model(net)
+    threads = torch.get_num_threads()
+    cfg = LatencyBench(model=str(net), settings=[(2, 8), (1, 4)], shrink=2, bottleneck=4, warmup=1, repeats=2,
+                       threads=1, out=str(tmp_path / "bench"))
+    result = latency.run(cfg, log=lambda _: None)
+    assert torch.get_num_threads() == threads and result["machine"]["threads"] == 1
+    saved = json.loads((tmp_path / "bench" / "latency.json").read_text())
+    assert saved == json.loads(json.dumps(result))
+    assert [(r["setting"], r["asked"], r["name"]) for r in saved["rows"]] == [
+        (s, a, name) for s, a in [("1x8", "2x8"), ("1x4", "1x4")] for name in latency.ROWS]
+    for row in saved["rows"]:
+        assert 0 < row["ms_min"] <= row["ms"]
+        assert row["overhead_pct"] == pytest.approx(100 * (row["vs_base"] - 1), abs=0.1)
+    assert saved["merged_vs_unmerged_max_abs_logit"] < 1e-4 < saved["adapter_vs_base_max_abs_logit"]
+    assert saved["adapter_params"] == 2 * 2 * (2 * 64 * 4 + 64 + 4)  # layers x targets x (2dm + d + m)
+    text = (tmp_path / "bench" / "latency.md").read_text()
+    assert "| 1 × 8 (of 2 × 8) | adapter |" in text and "25.8 ± 2.2 (+30.3%)" in text  # the lecture's table
+    for row in result["rows"]:
+        row["asked"] = "1x128"  # as if run at the lecture's 1 x 128: its figures join the measured rows
+    assert "| adapter | " in latency.format_table(result)
+    assert [line for line in latency.format_table(result).splitlines() if "| adapter |" in line][0].endswith(
+        "| Adapter^H +30.3% (^L +20.7%) |")

@@ -67,7 +67,8 @@ def _print_before_after(report: dict) -> None:
         table.add_column(column)
     for key, label in (("base", "base model"), ("tuned", "with adapter")):
         if key in report:
-            table.add_row(label, f"{report[key]['value']:.2f}", f"{report[key]['loss']:.4f}")
+            loss = report[key].get("loss")  # the in-context baseline generates only: no loss
+            table.add_row(label, f"{report[key]['value']:.2f}", "-" if loss is None else f"{loss:.4f}")
     Console().print(table)
     for sample in report["tuned"].get("samples", [])[:5]:
         log(f"  answer {sample['answer']!r:<28} prediction {sample['prediction'].strip()!r}")
@@ -208,18 +209,80 @@ def bench_train(
 
 @bench_app.command("latency")
 def bench_latency(
-    model: Annotated[str, typer.Option(help="preset, model folder or .gguf file")] = "smollm2-135m-instruct",
-    batch_size: Annotated[int, typer.Option(help="rows per forward pass")] = 1,
-    seq_len: Annotated[int, typer.Option(help="tokens per row")] = 128,
+    model: Annotated[str, typer.Option(help="preset, model folder, .gguf file, or gpt2-medium-random (GPT-2 medium's "
+                                            "shape, random weights, no download)")] = "smollm2-135m-instruct",
+    batch_size: Annotated[int, typer.Option(help="rows per forward pass (without --settings)")] = 1,
+    seq_len: Annotated[int, typer.Option(help="tokens per row (without --settings)")] = 128,
+    settings: Annotated[str | None, typer.Option(help="BATCHxSEQ pairs, e.g. 32x512,16x256,1x128; 'lecture' is "
+                                                      "those three")] = None,
+    shrink: Annotated[int, typer.Option(help="divide every batch size by this (at least 1 row), for small machines")]
+    = 1,
+    bottleneck: Annotated[int, typer.Option(help="Houlsby adapter width m")] = 64,
+    r: Annotated[int | None, typer.Option(help="LoRA rank (default: 4 on GPT-2, 8 otherwise)")] = None,
     precision: Annotated[str, typer.Option(help="fp32 or bf16")] = "fp32",
-    repeats: Annotated[int, typer.Option(help="timed forward passes per model")] = 50,
+    threads: Annotated[int | None, typer.Option(help="torch threads while timing (default: torch's)")] = None,
+    warmup: Annotated[int, typer.Option(help="untimed rounds first")] = 3,
+    repeats: Annotated[int, typer.Option(help="timed forward passes per model and setting")] = 50,
     out: Annotated[Path, typer.Option(help="output folder")] = Path("runs/bench-latency")):
-    """Forward latency: base model, base + unmerged LoRA, merged model (interleaved medians)."""
-    from .bench.latency import LatencyBench, format_table, run
+    """Forward latency: base, Houlsby adapters, unmerged and merged LoRA (interleaved medians, overhead in %)."""
+    from .bench.latency import LatencyBench, format_table, parse_settings, run
 
-    cfg = LatencyBench(model=model, batch_size=batch_size, seq_len=seq_len, precision=precision, repeats=repeats,
+    cfg = LatencyBench(model=model, batch_size=batch_size, seq_len=seq_len,
+                       settings=parse_settings(settings) if settings else None, shrink=shrink, r=r,
+                       bottleneck=bottleneck, precision=precision, threads=threads, warmup=warmup, repeats=repeats,
                        out=str(out))
     print(format_table(run(cfg, log=log)))
+
+
+@app.command()
+def plan(source: Annotated[str, typer.Argument(help="preset (gpt2, gpt2-medium, ..., gpt3-175b, smollm2-135m, "
+                                                    "minilm-l6, llama2-7b, llama-65b), config.json, folder or .gguf")],
+         r: Annotated[int, typer.Option(help="LoRA rank")] = 8,
+         alpha: Annotated[float | None, typer.Option(help="LoRA alpha (recorded; counts do not depend on it)")] = None,
+         targets: Annotated[str | None, typer.Option(help="comma-separated modules (q,k,v: slices of a fused c_attn); "
+                                                          "default: the query and value projections")] = None,
+         batch_size: Annotated[int, typer.Option(help="rows per step, for the activation estimate")] = 1,
+         seq_len: Annotated[int, typer.Option(help="tokens per row, for the activation estimate")] = 512,
+         adapter_dtype: Annotated[str, typer.Option(help="fp32, fp16 or bf16")] = "fp32",
+         checkpointing: Annotated[bool, typer.Option(help="assume full gradient checkpointing")] = False,
+         out: Annotated[Path, typer.Option(help="folder for plan.json, plan.md, plan.png")] = Path("runs/plan")):
+    """Parameters, adapter file size and training memory (full, LoRA, QLoRA) from a model config; no weights."""
+    from .plan import format_plan, write_report
+    from .plan import plan as make_plan
+
+    result = make_plan(source, r=r, alpha=alpha, targets=targets.split(",") if targets else None,
+                       batch_size=batch_size, seq_len=seq_len, adapter_dtype=adapter_dtype, checkpointing=checkpointing)
+    print(format_plan(result))
+    write_report(result, out)
+    log(f"plan.json, plan.md and plan.png are in {out}")
+
+
+@app.command()
+def analyze(adapter: Annotated[Path, typer.Argument(help="adapter folder")],
+            other: Annotated[Path | None, typer.Option(help="a second adapter on the same modules (another rank or "
+                                                             "seed): subspace similarity")] = None,
+            base: Annotated[str | None, typer.Option(help="base model for the amplification table (default: the "
+                                                          "adapter's recorded base)")] = None,
+            no_base: Annotated[bool, typer.Option("--no-base", help="skip amplification; load no model")] = False,
+            seed: Annotated[int, typer.Option(help="seed of the random directions in the amplification table")] = 0,
+            out: Annotated[Path, typer.Option(help="output folder")] = Path("runs/analyze")):
+    """What the adapter learned (Hu et al. 2021, section 7): ΔW spectra, subspace similarity, amplification."""
+    from .analyze import analyze as run
+    from .analyze import format_tables, write_report
+
+    weights = None
+    if not no_base:
+        from .generate import base_model_of, task_of
+        from .models import load_model
+
+        name = base or base_model_of(adapter)
+        task, labels = task_of(adapter)
+        log(f"loading {name} for the amplification table (--no-base skips it)")
+        weights = load_model(name, task=task, labels=labels)[0].state_dict()
+    result = run(adapter, other, base_weights=weights, seed=seed)
+    print(format_tables(result))
+    written = write_report(result, out)
+    log(f"{', '.join(p.name for p in written)} are in {out}")
 
 
 @app.command(context_settings=EXTRA)

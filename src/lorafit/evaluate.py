@@ -10,6 +10,7 @@ from torch import nn
 
 from .data import Example, Row, collate, prompt_and_answer
 from .fast import loss_of
+from .methods.virtual import virtual_inputs
 
 
 def _chunks(items: list, size: int) -> Iterator[list]:
@@ -36,7 +37,8 @@ def accuracy(model: nn.Module, examples: list[Example], batch_size: int, pad_id:
     right = 0
     for chunk in _chunks(examples, batch_size):
         batch = collate(chunk, pad_id)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, C)
+        inputs, _ = virtual_inputs(model, {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]})
+        logits = model(**inputs).logits  # (B, C)
         right += (logits.argmax(-1) == batch["labels"]).sum().item()
     return 100.0 * right / max(1, len(examples))
 
@@ -44,20 +46,35 @@ def accuracy(model: nn.Module, examples: list[Example], batch_size: int, pad_id:
 @torch.no_grad()
 def generate(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 16,
              streamer=None) -> list[str]:
-    """Greedy completions of already-rendered prompts (left-padded batches); returns only the new text."""
+    """Greedy completions of already-rendered prompts (left-padded batches); returns only the new text.
+
+    Virtual tokens go in front of the left padding (see `generate_ids`), so every prompt's real tokens start at
+    position n, as in training.
+    """
     model.eval()
     side, tokenizer.padding_side = tokenizer.padding_side, "left"  # generation continues from the right edge
     outputs = []
     try:
         for chunk in _chunks(prompts, batch_size):
             enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
-            ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer,
-                                 pad_token_id=tokenizer.pad_token_id)  # (B, T + new)
-            new = ids[:, enc["input_ids"].shape[1]:]
+            new = generate_ids(model, dict(enc), max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer,
+                               pad_token_id=tokenizer.pad_token_id)  # (B, new)
             outputs += tokenizer.batch_decode(new, skip_special_tokens=True)
     finally:
         tokenizer.padding_side = side
     return outputs
+
+
+def generate_ids(model: nn.Module, enc: dict, **kwargs) -> torch.Tensor:
+    """model.generate on tokenized prompts `enc` (input_ids, attention_mask) with the model's virtual tokens put
+    in (see lorafit.methods.virtual); returns only the new tokens (B, new).
+
+    A prompt-tuned model generates from inputs_embeds, and then transformers returns only the new tokens; a
+    prefix goes in as the starting key/value cache, and the output repeats the prompt ids first.
+    """
+    inputs, _ = virtual_inputs(model, enc)
+    ids = model.generate(**inputs, **kwargs)  # (B, T + new), or (B, new) from inputs_embeds
+    return ids[:, inputs["input_ids"].shape[1]:] if "input_ids" in inputs else ids
 
 
 def normalize(text: str) -> str:

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .methods.virtual import virtual_inputs
+
 PRECISIONS = ("auto", "bf16", "fp32")
 CHUNK = 128  # rows of logits per chunk: 128 x 49,152 fp32 is 24 MiB, under glibc's 32 MiB mmap threshold
 _SCALED_LOGITS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
@@ -101,11 +103,14 @@ def prepare(model: nn.Module, precision: str, checkpointing: bool = False) -> No
 
 
 def loss_of(model: nn.Module, batch: dict) -> torch.Tensor:
-    """The training loss of `batch`: the chunked next-token loss for language models, the model's own otherwise."""
+    """The training loss of `batch`: the chunked next-token loss for language models, the model's own otherwise.
+
+    Virtual tokens (prefix / prompt tuning) go in here, through `virtual_inputs`.
+    """
     labels = batch.get("labels")
     if labels is not None and labels.dim() == 2 and labels.shape == batch["input_ids"].shape:
         return causal_lm_loss(model, batch)
-    return model(**batch).loss
+    return model(**virtual_inputs(model, batch)[0]).loss
 
 
 def output_layer(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
@@ -130,12 +135,14 @@ def causal_lm_loss(model: nn.Module, batch: dict, chunk: int = CHUNK) -> torch.T
     Uses the chunked output layer when the model allows (see `output_layer`), the model's own forward otherwise.
     """
     parts = output_layer(model)
+    inputs, _ = virtual_inputs(model, batch)  # a prompt's positions come with IGNORE labels
     if parts is None or "labels" not in batch:
-        return model(**batch).loss
+        return model(**inputs).loss
     body, head = parts
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    hidden = body(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
-    targets = batch["labels"][:, 1:]  # token t predicts token t+1
+    labels = inputs["labels"]  # (B, T'), T' = n + T with a prompt, T otherwise
+    inputs = {k: v for k, v in inputs.items() if k != "labels"}
+    hidden = body(**inputs, use_cache=False).last_hidden_state  # (B, T', H)
+    targets = labels[:, 1:]  # token t predicts token t+1
     keep = targets != -100
     picked = hidden[:, :-1][keep]  # (N, H): only the positions that carry a label
     if picked.shape[0] == 0:

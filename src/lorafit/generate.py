@@ -13,6 +13,7 @@ from transformers import TextStreamer
 import lorafit
 
 from .adapter_io import CONFIG_FILE, LABELS_FILE
+from .evaluate import generate_ids
 from .methods import METHOD_CONFIG, is_method_folder, load_method
 from .models import load_model
 
@@ -123,6 +124,6 @@ def stream(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 128, 
 
     enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
-    model.generate(**enc, max_new_tokens=max_new_tokens, streamer=_CallbackStreamer(tokenizer, sink),
-                   pad_token_id=tokenizer.pad_token_id, **sampling)
+    generate_ids(model, dict(enc), max_new_tokens=max_new_tokens, streamer=_CallbackStreamer(tokenizer, sink),
+                 pad_token_id=tokenizer.pad_token_id, **sampling)  # with the model's virtual tokens, if any
     return "".join(pieces)
