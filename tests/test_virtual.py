@@ -82,14 +82,7 @@ def test_prompt_from_vocab_is_the_model_reading_those_tokens_first(arch):
     batch = right_padded()
     inputs, drop = virtual_inputs(model, batch)
     assert drop == N and inputs["inputs_embeds"].shape[:2] == (2, N + 9)
-    v = torch.tensor(virtual.init_tokens).expand(2, N)
-    with torch.no_grad():
-        got = model(**{k: x for k, x in inputs.items() if k != "labels"}).logits[:, drop:]  # (B, T, V)
-        want = model(input_ids=torch.cat([v, batch["input_ids"]], 1),
-                     attention_mask=torch.cat([torch.ones(2, N, dtype=torch.long), batch["attention_mask"]], 1)
-                     ).logits[:, N:]
-    real = batch["attention_mask"].bool()
-    torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=0)
+    assert_reads_tokens_first(model, inputs, drop, torch.tensor(virtual.init_tokens)[None], batch)
 
 
 @pytest.mark.parametrize("arch", CAUSAL)
@@ -125,6 +118,17 @@ def test_prompt_on_a_bert_classifier_is_the_model_reading_the_vocab_tokens_first
     assert accuracy(model, examples, batch_size=3, pad_id=0) == pytest.approx(100.0 * right / 3)
 
 
+def assert_reads_tokens_first(model, inputs: dict, drop: int, tokens: torch.Tensor, batch: dict) -> None:
+    """The model on `inputs` (virtual tokens) gives, at real positions, its logits on cat(tokens, ids)."""
+    with torch.no_grad():
+        got = model(**{k: x for k, x in inputs.items() if k != "labels"}).logits[:, drop:]  # (B, T, V)
+        want = model(input_ids=torch.cat([tokens.expand(2, -1), batch["input_ids"]], 1),
+                     attention_mask=torch.cat([torch.ones(2, N, dtype=torch.long), batch["attention_mask"]], 1)
+                     ).logits[:, N:]
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=0)
+
+
 # --- prefix tuning ---
 
 @pytest.mark.parametrize("arch", CAUSAL)
@@ -136,13 +140,7 @@ def test_prefix_set_to_the_cache_of_S_gives_the_logits_of_the_model_on_S_then_id
     batch = right_padded()
     inputs, drop = virtual_inputs(model, batch)
     assert drop == 0 and inputs["past_key_values"].get_seq_length() == N
-    with torch.no_grad():
-        got = model(**{k: x for k, x in inputs.items() if k != "labels"}).logits  # (B, T, V)
-        want = model(input_ids=torch.cat([seq.expand(2, -1), batch["input_ids"]], 1),
-                     attention_mask=torch.cat([torch.ones(2, N, dtype=torch.long), batch["attention_mask"]], 1)
-                     ).logits[:, N:]
-    real = batch["attention_mask"].bool()
-    torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=0)
+    assert_reads_tokens_first(model, inputs, drop, seq, batch)
 
 
 @pytest.mark.parametrize("arch", CAUSAL)
