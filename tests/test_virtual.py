@@ -16,7 +16,13 @@ from lorafit.evaluate import accuracy, generate, mean_loss
 from lorafit.fast import autocast, cast_frozen, loss_of, output_layer, prepare
 from lorafit.generate import stream
 from lorafit.methods.select import MethodError
-from lorafit.methods.virtual import add_virtual_tokens, remove_virtual_tokens, virtual_inputs, virtual_tokens_of
+from lorafit.methods.virtual import (
+    add_virtual_tokens,
+    cache_argument,
+    remove_virtual_tokens,
+    virtual_inputs,
+    virtual_tokens_of,
+)
 
 N = 4  # virtual tokens in these tests
 
@@ -65,7 +71,8 @@ def trainable(model: torch.nn.Module, kind: str, **options):
 
 def set_prefix_from(model, seq: torch.Tensor) -> None:
     """Make the prefix exactly what the model caches for the token sequence `seq` (1, n)."""
-    cache = model(input_ids=seq, use_cache=True).past_key_values
+    output = model(input_ids=seq, use_cache=True)
+    cache = output.get("cache", output.get("past_key_values"))  # renamed in transformers 5.24
     virtual = virtual_tokens_of(model)
     with torch.no_grad():
         for i, layer in enumerate(cache.layers):
@@ -139,7 +146,7 @@ def test_prefix_set_to_the_cache_of_S_gives_the_logits_of_the_model_on_S_then_id
     set_prefix_from(model, seq)
     batch = right_padded()
     inputs, drop = virtual_inputs(model, batch)
-    assert drop == 0 and inputs["past_key_values"].get_seq_length() == N
+    assert drop == 0 and inputs[cache_argument(model)].get_seq_length() == N
     assert_reads_tokens_first(model, inputs, drop, seq, batch)
 
 

@@ -18,6 +18,7 @@ app.add_typer(reproduce_app, name="reproduce")
 bench_app = typer.Typer(no_args_is_help=True, help="Measure speed and memory (results go to bench.json / bench.md).")
 app.add_typer(bench_app, name="bench")
 EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
+Quantize = Annotated[str, typer.Option(help="none, nf4, int8 or gguf: hold the base's block weights quantized")]
 
 
 def log(message: str) -> None:
@@ -51,12 +52,14 @@ def reproduce_flip(
 def train(ctx: typer.Context,
           config: Annotated[Path, typer.Argument(help="YAML config (sections model, lora, data, train, eval, out)")],
           resume: Annotated[bool, typer.Option(help="continue from the latest checkpoint in the out folder")] = False,
-          precision: Annotated[str | None, typer.Option(help="auto, bf16 or fp32 (= --train.precision)")] = None):
+          precision: Annotated[str | None, typer.Option(help="auto, bf16 or fp32 (= --train.precision)")] = None,
+          quantize: Annotated[str | None, typer.Option(help="none, nf4, int8 or gguf (= --model.quantize)")] = None):
     """Fine-tune a LoRA adapter as CONFIG says; extra `--section.key value` options override the file."""
     from .runconfig import load_run_config
     from .train import train as run
 
-    cfg = load_run_config(config, [*ctx.args, *(["--train.precision", precision] if precision else [])])
+    cfg = load_run_config(config, [*ctx.args, *(["--train.precision", precision] if precision else []),
+                                   *(["--model.quantize", quantize] if quantize else [])])
     report = run(cfg, resume=resume, log=log)
     _print_before_after(report)
 
@@ -100,12 +103,14 @@ def generate(prompt: Annotated[list[str], typer.Argument(help="prompt(s); each i
              no_adapter: Annotated[bool, typer.Option("--no-adapter", help="the base model alone")] = False,
              compare_base: Annotated[bool, typer.Option(help="also answer with the base model, first")] = False,
              max_new_tokens: Annotated[int, typer.Option(help="generation budget")] = 64,
-             temperature: Annotated[float, typer.Option(help="0: greedy")] = 0.0):
+             temperature: Annotated[float, typer.Option(help="0: greedy")] = 0.0,
+             quantize: Quantize = "none"):
     """Generate, streaming tokens, with each adapter in turn (or none)."""
     from . import generate as gen
     from .surgery import disabled, set_adapter
 
-    net, tokenizer, names = gen.load_with_adapters(model, [] if no_adapter else [str(a) for a in adapter or []])
+    net, tokenizer, names = gen.load_with_adapters(model, [] if no_adapter else [str(a) for a in adapter or []],
+                                                   quantize=quantize)
 
     def answer(name: str) -> None:
         for text in prompt:
@@ -126,11 +131,12 @@ def generate(prompt: Annotated[list[str], typer.Argument(help="prompt(s); each i
 def chat(adapter: Annotated[Path | None, typer.Option(help="adapter folder")] = None,
          model: Annotated[str | None, typer.Option(help="base model (default: the adapter's base)")] = None,
          max_new_tokens: Annotated[int, typer.Option(help="budget per answer")] = 256,
-         temperature: Annotated[float, typer.Option(help="0: greedy")] = 0.0):
+         temperature: Annotated[float, typer.Option(help="0: greedy")] = 0.0,
+         quantize: Quantize = "none"):
     """Talk to the model in the terminal (empty line or Ctrl-D ends); answers stream as they are generated."""
     from . import generate as gen
 
-    net, tokenizer, _ = gen.load_with_adapters(model, [str(adapter)] if adapter else [])
+    net, tokenizer, _ = gen.load_with_adapters(model, [str(adapter)] if adapter else [], quantize=quantize)
     history: list[dict] = []
     while True:
         try:
@@ -152,16 +158,20 @@ def merge(adapter: Annotated[Path, typer.Option(help="adapter folder")],
           out: Annotated[Path, typer.Option(help="folder for the merged Hugging Face model")],
           model: Annotated[str | None, typer.Option(help="base model (default: the adapter's base)")] = None,
           task: Annotated[str | None, typer.Option(help="causal-lm or classification (default: the adapter's)")] = None,
-          overwrite: Annotated[bool, typer.Option(help="replace an existing output folder")] = False):
+          overwrite: Annotated[bool, typer.Option(help="replace an existing output folder")] = False,
+          quantize: Annotated[str, typer.Option(help="merge into the base as quantized in training (nf4, int8, "
+                                                "gguf): W = dequant(Wq) + BA; default none: the full-precision base")]
+          = "none"):
     """Fold the adapter into the base weights and write a plain model folder (safetensors, config, tokenizer)."""
     from . import generate as gen
     from .methods import check_mergeable
     from .models import save_merged
 
     check_mergeable(adapter)
-    net, tokenizer, _ = gen.load_with_adapters(model, [str(adapter)], task=task)
+    net, tokenizer, _ = gen.load_with_adapters(model, [str(adapter)], task=task, quantize=quantize)
     path = save_merged(net, tokenizer, out, overwrite=overwrite)
-    log(f"merged model written to {path}")
+    dequantized = f" (the {quantize} base weights dequantized, plus the adapter)" if quantize != "none" else ""
+    log(f"merged model written to {path}{dequantized}")
 
 
 @app.command()

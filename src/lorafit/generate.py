@@ -58,10 +58,12 @@ def adapter_name(path: str | Path, taken: list[str]) -> str:
     return name
 
 
-def load_with_adapters(model: str | None, adapters: list[str], task: str | None = None) -> tuple:
+def load_with_adapters(model: str | None, adapters: list[str], task: str | None = None,
+                       quantize: str = "none") -> tuple:
     """(model, tokenizer, adapter names): the base model (or the first adapter's base) with each adapter loaded.
 
-    The task (and a classifier's labels) come from the first adapter unless `task` is given.
+    The task (and a classifier's labels) come from the first adapter unless `task` is given; `quantize` stores
+    the base's block weights quantized (lorafit.quant) before the adapters go on.
     """
     if model is None:
         if not adapters:
@@ -71,7 +73,8 @@ def load_with_adapters(model: str | None, adapters: list[str], task: str | None 
     if adapters:
         recorded, labels = task_of(adapters[0])
         task = task or recorded
-    net, tokenizer = load_model(model, task=task or "causal-lm", labels=labels if task == "classification" else None)
+    net, tokenizer = load_model(model, task=task or "causal-lm", labels=labels if task == "classification" else None,
+                                quantize=quantize)
     names: list[str] = []
     for path in adapters:
         names.append(adapter_name(path, names))

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .quant.linear import QuantLinear, QuantWeight, dequant_linear
+
 
 class LowRank(nn.Module):
     """One low-rank update ΔW = B @ A * scale, in PEFT's layout: lora_A (r, in), lora_B (out, r)."""
@@ -94,14 +96,17 @@ class LoraLayer(nn.Module):
 
 
 class LoraLinear(LoraLayer):
-    """nn.Linear or GPT-2's Conv1D (fan_in_fan_out: weight stored (in, out)) plus named low-rank updates."""
+    """nn.Linear or GPT-2's Conv1D (fan_in_fan_out: weight stored (in, out)) plus named low-rank updates.
+
+    Over a quantized base (a QuantLinear), `weight` is its QuantWeight, dequantized on the fly in base_forward.
+    """
 
     def __init__(self, base: nn.Module, fan_in_fan_out: bool = False):
         super().__init__()
         self.weight = base.weight  # the same Parameter objects: no copy, state-dict keys unchanged
         self.bias = base.bias
         self.fan_in_fan_out = fan_in_fan_out
-        self.base_type = type(base)  # rebuilt by `to_base` when the adapters are removed
+        self.base_type = nn.Linear if isinstance(base, QuantLinear) else type(base)  # what `to_base` rebuilds
         in_f, out_f = self.weight.shape[::-1] if not fan_in_fan_out else self.weight.shape
         self.in_features, self.out_features = in_f, out_f
 
@@ -110,7 +115,9 @@ class LoraLinear(LoraLayer):
         self.lora[name] = LowRank(self.in_features, self.out_features, r, scale, dropout, init).to(self.weight.device)
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Exactly the base module's forward (nn.Linear, or transformers' Conv1D: x @ W + b)."""
+        """Exactly the base module's forward (nn.Linear, QuantLinear, or transformers' Conv1D: x @ W + b)."""
+        if isinstance(self.weight, QuantWeight):
+            return dequant_linear(x, self.weight, self.bias)
         if not self.fan_in_fan_out:
             return F.linear(x, self.weight, self.bias)
         out = torch.addmm(self.bias, x.reshape(-1, x.size(-1)), self.weight)  # (N, out), as Conv1D does it
@@ -128,6 +135,8 @@ class LoraLinear(LoraLayer):
 
     def to_base(self) -> nn.Module:
         """A plain base module (same class as before injection) holding this layer's weight and bias."""
+        if isinstance(self.weight, QuantWeight):
+            return QuantLinear(self.weight, self.bias)
         with torch.device("meta"):
             if self.fan_in_fan_out:
                 base = self.base_type(self.out_features, self.in_features)  # Conv1D(nf=out, nx=in)

@@ -1,6 +1,8 @@
 """Merging: fold ΔW into the base weight (W = W0 + BA) for zero added latency, and take it out again.
 
 Nothing merges implicitly: these are the only functions that change a base weight, and each is idempotent.
+A quantized base weight (QLoRA) is dequantized by `merge` into a dense one first: W = dequant(Wq) + ΔW, in the
+dtype the weight had before quantization; `unmerge` then leaves that dense, dequantized weight.
 """
 
 from __future__ import annotations
@@ -8,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .quant import is_quantized
 from .surgery import lora_layers, replace_module
 
 
@@ -28,6 +31,8 @@ def merge(model: nn.Module, name: str | None = None) -> nn.Module:
             continue
         if layer.merged is not None:
             raise RuntimeError(f"{layer_name} already has adapter {layer.merged!r} merged; unmerge it first")
+        if is_quantized(layer.weight):
+            layer.weight = nn.Parameter(layer.weight.dequantize(), requires_grad=False)  # dense from here on
         layer.weight.copy_(merged_weight(layer.weight, layer.delta_weight(name)))
         layer.merged = name
     return model

@@ -303,13 +303,15 @@ def _head_kwargs(labels: list[str] | None) -> dict:
 
 
 def load_model(model: str, task: str = "causal-lm", labels: list[str] | None = None,
-               dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, object]:
+               dtype: torch.dtype = torch.float32, quantize: str = "none") -> tuple[torch.nn.Module, object]:
     """(model in eval mode, tokenizer) for a preset name, a model folder, a .gguf file or a hub id.
 
     task "causal-lm" gives AutoModelForCausalLM; "classification" gives AutoModelForSequenceClassification with
     a head of len(labels) classes (newly initialised unless the checkpoint has one that size) and id2label /
     label2id set; labels=None keeps the checkpoint's own labels. A GGUF file is dequantized to `dtype` on load.
     config.pad_token_id is set from the tokenizer (sequence classification needs it to find the last token).
+    quantize "nf4" / "int8" / "gguf" stores the blocks' Linear weights quantized (lorafit.quant): "gguf" keeps
+    the blocks of the .gguf file the model comes from instead of their dequantized copies.
     """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -326,7 +328,22 @@ def load_model(model: str, task: str = "causal-lm", labels: list[str] | None = N
     except LOAD_ERRORS as err:
         raise _load_failed(model, where, gguf, "model", err) from err
     net.config.pad_token_id = tokenizer.pad_token_id
+    if quantize != "none":
+        _quantize(net, quantize, Path(where) / gguf if gguf else None)
     return net.eval(), tokenizer
+
+
+def _quantize(net: torch.nn.Module, method: str, gguf_file: Path | None) -> None:
+    """lorafit.quant.quantize_model, with its errors as ModelErrors that name the file."""
+    from .quant import GGUFError, quantize_model
+
+    if method == "gguf" and gguf_file is None:
+        raise ModelError("quantize: gguf keeps the blocks of a GGUF file; this model was not loaded from one "
+                         "(use nf4 or int8)")
+    try:
+        quantize_model(net, method, gguf_file)
+    except GGUFError as err:
+        raise ModelError(str(err)) from None
 
 
 def _forget_gguf_origin(model: torch.nn.Module) -> None:

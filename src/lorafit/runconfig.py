@@ -15,6 +15,7 @@ from pydantic import ConfigDict, TypeAdapter, ValidationError
 from .config import ConfigError, LoraConfig
 from .data import DataConfig
 from .fast import PRECISIONS
+from .quant import QUANTIZE
 
 STRICT = ConfigDict(extra="forbid")  # an unknown key is an error, never silently ignored
 
@@ -26,10 +27,13 @@ class ModelConfig:
     __pydantic_config__ = STRICT
     name: str = "smollm2-135m-instruct"  # preset name, local Hugging Face dir, .gguf file, or hub id
     task: str = "causal-lm"  # "causal-lm" (generation) or "classification" (encoder + new head)
+    quantize: str = "none"  # frozen block weights: none | nf4 | int8 | gguf (the .gguf file's own blocks)
 
     def __post_init__(self) -> None:
         if self.task not in ("causal-lm", "classification"):
             raise ConfigError(f"task must be 'causal-lm' or 'classification', got {self.task!r}")
+        if self.quantize not in QUANTIZE:
+            raise ConfigError(f"quantize must be one of {', '.join(QUANTIZE)}, got {self.quantize!r}")
 
 
 @dataclass
@@ -124,6 +128,13 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     out: str = "runs/lorafit"  # output folder: adapter/, checkpoints/, metrics.jsonl, loss.png
+
+    def __post_init__(self) -> None:
+        trains_base = self.method.name in ("full", "freeze", "bitfit") or (
+            self.method.name == "mezo" and self.method.mezo_params == "all")
+        if self.model.quantize != "none" and trains_base:
+            raise ConfigError(f"model.quantize: {self.model.quantize} freezes the base in quantized form, but method "
+                              f"{self.method.name} trains base weights; use quantize: none with it")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -15,6 +15,7 @@ from torch import nn
 
 from .config import LoraConfig
 from .lora import LoraEmbedding, LoraLayer, LoraLinear
+from .quant.linear import QuantLinear, QuantWeight
 
 
 class TargetError(ValueError):
@@ -23,7 +24,7 @@ class TargetError(ValueError):
 
 def module_kind(module: nn.Module) -> str | None:
     """'linear', 'conv1d' (GPT-2's transposed Linear) or 'embedding' when LoRA can wrap `module`, else None."""
-    if isinstance(module, nn.Linear):
+    if isinstance(module, (nn.Linear, QuantLinear)):
         return "linear"
     if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):  # transformers.pytorch_utils.Conv1D
         return "conv1d"
@@ -202,7 +203,11 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def trainable_report(model: nn.Module) -> str:
-    """'trainable params: N || all params: M || trainable%: P' (the line PEFT prints, for comparison)."""
+    """'trainable params: N || all params: M || trainable%: P' (the line PEFT prints, for comparison).
+
+    A quantized base weight counts as its logical (out x in) parameters, however it is stored.
+    """
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
+    total += sum(m.shape.numel() for m in model.modules() if isinstance(m, QuantWeight))
     return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"

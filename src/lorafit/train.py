@@ -33,6 +33,7 @@ from .methods.incontext import in_context_score
 from .methods.mezo import MeZO
 from .models import load_model
 from .optim import lr_at, make_optimizer, set_lr, trainable_parameters
+from .quant import model_bytes, quantized_weights
 from .report import MetricsLog, plot_before_after, plot_loss
 from .runconfig import RunConfig
 
@@ -48,7 +49,11 @@ def train(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] = pri
     cfg = replace(cfg, train=replace(cfg.train, precision=precision))  # from here on: "bf16" or "fp32"
     log(f"precision: {precision}" + (" (frozen base in bf16, LoRA weights and optimizer in fp32)"
                                      if precision == "bf16" else " (exact)"))
-    model, tokenizer = load_model(cfg.model.name, task=cfg.model.task, labels=labels, dtype=dtype_for(precision))
+    model, tokenizer = load_model(cfg.model.name, task=cfg.model.task, labels=labels, dtype=dtype_for(precision),
+                                  quantize=cfg.model.quantize)
+    if cfg.model.quantize != "none":
+        log(f"quantize: {cfg.model.quantize}: {len(quantized_weights(model))} block weights quantized; "
+            f"model weights in memory: {model_bytes(model) / 1e6:,.1f} MB")
     train_set = encode(train_rows, fmt, tokenizer, cfg.data, labels)
     val_set = encode(val_rows, fmt, tokenizer, cfg.data, labels)
     eval_rows, eval_set = val_rows[:cfg.eval.limit], val_set[:cfg.eval.limit]
@@ -60,6 +65,7 @@ def train(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] = pri
                          cfg.eval.max_new_tokens, log)
 
     report = {"model": cfg.model.name, "method": cfg.method.name, "precision": precision, "format": fmt,
+              "quantize": cfg.model.quantize, "model_bytes": model_bytes(model),
               "metric": metric, "labels": labels, "train_rows": len(train_rows), "val_rows": len(eval_rows)}
     if cfg.eval.compare_base and not resume:
         log("scoring the base model ...")

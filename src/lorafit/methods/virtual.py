@@ -122,9 +122,16 @@ def _check_supported(model: nn.Module, kind: str) -> None:
                               "from input_ids and cannot find from inputs_embeds; use prefix, lora or adapter")
         return
     config = getattr(model, "config", None)
-    if "past_key_values" not in params or getattr(config, "is_encoder_decoder", False):
-        raise MethodError(f"prefix tuning needs a decoder-only model whose forward takes past_key_values (a "
-                          f"key/value cache); {name} does not; use prompt, lora or adapter")
+    if cache_argument(model) is None or getattr(config, "is_encoder_decoder", False):
+        raise MethodError(f"prefix tuning needs a decoder-only model whose forward takes a key/value cache "
+                          f"(cache or past_key_values); {name} does not; use prompt, lora or adapter")
+
+
+def cache_argument(model: nn.Module) -> str | None:
+    """The name the model's forward takes its key/value cache under: `cache` (transformers 5.24 on) or
+    `past_key_values` (before); None when it takes none."""
+    params = inspect.signature(model.forward).parameters
+    return next((name for name in ("cache", "past_key_values") if name in params), None)
 
 
 @torch.no_grad()
@@ -138,7 +145,8 @@ def _model_kv(model: nn.Module, ids: torch.Tensor) -> list[tuple[torch.Tensor, t
     was_training = model.training
     model.eval()  # no dropout in the init
     try:
-        cache = model(input_ids=ids, use_cache=True).past_key_values
+        output = model(input_ids=ids, use_cache=True)
+        cache = output.get("cache", output.get("past_key_values"))
     finally:
         model.train(was_training)
     layers = getattr(cache, "layers", None) if isinstance(cache, Cache) else None
@@ -173,7 +181,7 @@ def virtual_inputs(model: nn.Module, batch: dict) -> tuple[dict, int]:
 
     prompt: inputs_embeds = [P; E[ids]], the mask gets n ones in front, token labels n IGNOREs (so the last
     virtual position predicts the first real token, as in the model's own loss); class labels are unchanged.
-    prefix: input_ids stay; past_key_values = a fresh cache holding the prefix; the mask gets n ones in front.
+    prefix: input_ids stay; the cache argument = a fresh cache holding the prefix; the mask gets n ones in front.
     """
     virtual = virtual_tokens_of(model)
     if virtual is None:
@@ -192,7 +200,7 @@ def virtual_inputs(model: nn.Module, batch: dict) -> tuple[dict, int]:
                               "key/value cache, which holds the prefix, inside checkpointed layers; set "
                               "train.checkpointing: false")
         out["input_ids"] = ids
-        out["past_key_values"] = virtual.cache(b, _kv_dtype(model, ids.device), model.config)
+        out[cache_argument(model)] = virtual.cache(b, _kv_dtype(model, ids.device), model.config)
         return out, 0
     embeds = model.get_input_embeddings()(ids)  # (B, T, H)
     prompt = virtual.prompt.to(embeds.dtype)[None].expand(b, -1, -1)  # (B, n, H); grads reach the fp32 P

@@ -1,0 +1,98 @@
+"""Quantized frozen bases for QLoRA: the blocks' Linear weights in NF4 or int8, or a GGUF file's own blocks.
+
+    model, tok = load_model("smollm2-135m-instruct", quantize="nf4")   # or quantize_model(model, "nf4")
+    inject(model, LoraConfig(r=8, targets=["q_proj", "v_proj"]))       # LoRA trains on top, in fp32
+
+Only Linear layers inside the transformer blocks are quantized: embeddings, norms and the output or
+classification head keep their dtype. Each quantized layer is a QuantLinear (lorafit/quant/linear.py); a LoRA
+layer wrapping one dequantizes it on the fly (lorafit/lora.py). Adapters do not depend on the base's storage: an
+adapter trained on an NF4 base loads onto the fp32 base and the other way round.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .bnb import Int8Weight, NF4Weight
+from .gguf import GGUFError, keep_gguf_blocks
+from .linear import QuantLinear, QuantWeight, dequant_linear
+
+QUANTIZE = ("none", "nf4", "int8", "gguf")
+WEIGHT_TYPES = {"nf4": NF4Weight, "int8": Int8Weight}
+
+__all__ = ["QUANTIZE", "GGUFError", "QuantLinear", "QuantWeight", "dequant_linear", "is_quantized",
+           "keep_gguf_blocks", "model_bytes", "quantize_model", "quantized_weights", "release_freed_memory"]
+
+
+def quantize_model(model: nn.Module, method: str, gguf_file: str | Path | None = None) -> dict[str, str]:
+    """Quantize the frozen Linear weights inside the model's blocks in place; returns {module name: format}.
+
+    method "nf4" / "int8" quantizes the weights the model holds (bitsandbytes); "gguf" swaps in the blocks of
+    `gguf_file`, the file the model was loaded from. Call it before injecting adapters.
+    """
+    from ..methods.select import blocks_of
+    from ..surgery import lora_layers, replace_module
+
+    if method not in QUANTIZE or method == "none":
+        raise ValueError(f"quantize must be one of {', '.join(QUANTIZE[1:])}, got {method!r}")
+    if next(lora_layers(model), None) is not None:
+        raise ValueError("quantize the base before injecting adapters (this model already has LoRA layers)")
+    if method == "gguf":
+        if gguf_file is None:
+            raise GGUFError("quantize: gguf keeps a GGUF file's blocks and needs a model loaded from a .gguf file")
+        done = keep_gguf_blocks(model, gguf_file)
+    else:
+        path, blocks = blocks_of(model)
+        done = {}
+        for name, module in list(blocks.named_modules(prefix=path)):
+            if type(module) is nn.Linear:
+                weight = WEIGHT_TYPES[method](module.weight.data)
+                replace_module(model, name, QuantLinear(weight, module.bias))
+                done[name] = weight.format
+    release_freed_memory()
+    return done
+
+
+def is_quantized(weight) -> bool:
+    """True for a QuantWeight (what a QuantLinear or a LoRA layer over one holds as `weight`)."""
+    return isinstance(weight, QuantWeight)
+
+
+def quantized_weights(model: nn.Module) -> list[tuple[str, QuantWeight]]:
+    """(module name, weight) of every quantized weight in the model."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, QuantWeight)]
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes of the model's weights in memory: parameters and buffers, quantized ones at their packed size."""
+    seen, total = set(), 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.data_ptr() not in seen:  # tied weights count once
+            seen.add(tensor.data_ptr())
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed by the dense weights back to the OS (glibc keeps small freed blocks otherwise).
+
+    Without this the process keeps the dense weights' pages after quantizing and the memory saving does not show
+    in its resident size. A no-op where the C library has no malloc_trim.
+    """
+    import gc
+
+    gc.collect()
+    libc_name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(libc_name) if libc_name else None
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
+def dense_weight(weight: torch.Tensor | QuantWeight) -> torch.Tensor:
+    """The weight as a dense tensor in its original dtype (a quantized one dequantized)."""
+    return weight.dequantize() if is_quantized(weight) else weight

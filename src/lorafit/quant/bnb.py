@@ -1,0 +1,69 @@
+"""NF4 (QLoRA) and int8 weights through bitsandbytes, which quantizes and dequantizes on CPU and GPU.
+
+NF4 (Dettmers et al. 2023): 4-bit NormalFloat codes, one absmax per block of 64 weights, and double
+quantization: those absmax values are themselves quantized to 8 bits in blocks of 256, with one fp32 scale per
+block and a shared offset. About 4.127 bits per weight. int8: one absmax per output row, 8 bits per weight
+(LLM.int8's vector-wise scheme, without its fp16 outlier columns).
+
+The compressed pieces live in buffers, so `.to(device)` and state dicts see them; bitsandbytes' QuantState is
+rebuilt from them on each dequantize (a few Python attribute sets, no copies).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .linear import QuantWeight
+
+NF4_BLOCK, NF4_SCALE_BLOCK = 64, 256  # 4-bit blocks of 64 weights; their 8-bit absmax values in blocks of 256
+
+
+def _bnb():
+    """bitsandbytes.functional, imported on first use (its import prints a notice about optional CPU kernels)."""
+    import bitsandbytes.functional as bnb_f
+
+    return bnb_f
+
+
+class NF4Weight(QuantWeight):
+    """A weight in NF4 with double-quantized block scales: bitsandbytes' quantize_4bit / dequantize_4bit."""
+
+    format = "nf4"
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__(weight.shape, weight.dtype)
+        packed, state = _bnb().quantize_4bit(weight.detach(), blocksize=NF4_BLOCK, compress_statistics=True,
+                                             quant_type="nf4")
+        self.register_buffer("packed", packed)  # (numel / 2, 1) uint8: two 4-bit codes per byte
+        self.register_buffer("absmax", state.absmax)  # (blocks,) uint8: each block's scale, 8-bit quantized
+        self.register_buffer("code", state.code)  # (16,) fp32: the NF4 levels
+        self.register_buffer("absmax_scale", state.state2.absmax)  # (blocks / 256,) fp32
+        self.register_buffer("absmax_code", state.state2.code)  # (256,) fp32: the 8-bit dynamic code of the scales
+        self.register_buffer("offset", state.offset.reshape(()))  # mean of the absmax values, taken out before
+        assert state.state2.blocksize == NF4_SCALE_BLOCK, state.state2.blocksize
+
+    def _state(self, dtype: torch.dtype):
+        bnb_f = _bnb()
+        scales = bnb_f.QuantState(absmax=self.absmax_scale, code=self.absmax_code, blocksize=NF4_SCALE_BLOCK,
+                                  dtype=torch.float32)
+        return bnb_f.QuantState(absmax=self.absmax, shape=self.shape, code=self.code, blocksize=NF4_BLOCK,
+                                quant_type="nf4", dtype=dtype, offset=self.offset, state2=scales)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        dtype = dtype or self.dtype
+        return _bnb().dequantize_4bit(self.packed, self._state(dtype)).to(dtype)  # (out, in)
+
+
+class Int8Weight(QuantWeight):
+    """A weight in int8 with one absmax per output row: bitsandbytes' int8_vectorwise_quant / _dequant."""
+
+    format = "int8"
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__(weight.shape, weight.dtype)
+        q, row_absmax, _ = _bnb().int8_vectorwise_quant(weight.detach().to(torch.float16))
+        self.register_buffer("q", q)  # (out, in) int8
+        self.register_buffer("row_absmax", row_absmax)  # (out,) fp32
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return _bnb().int8_vectorwise_dequant(self.q, self.row_absmax).to(dtype or self.dtype)  # (out, in)

@@ -1,0 +1,138 @@
+"""Keep a GGUF model's quantized blocks in memory as the file stores them; dequantize one layer at a time.
+
+transformers (and so PEFT) dequantizes a whole GGUF model to full precision when it loads it. Here the model
+is loaded that way once, then each block Linear is swapped for a QuantLinear holding the file's own blocks
+(Q4_0, Q4_1 or Q8_0: 32 weights per block), re-laid out as separate scale and code tensors so that torch can
+dequantize a whole matrix in a few vectorized operations. Block layouts (ggml's, little-endian):
+
+    Q8_0: fp16 d, 32 x int8 q          w = d * q
+    Q4_0: fp16 d, 16 bytes of nibbles  w = d * (q - 8)      q = low nibbles (weights 0-15), high (16-31)
+    Q4_1: fp16 d, fp16 m, 16 bytes     w = d * q + m
+
+Only Llama-family files are mapped (the tensor names below); transformers' own loader permutes the rows of
+attn_q / attn_k back from llama.cpp's rotary layout, and so do we, row by row, on the blocks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .linear import QuantLinear, QuantWeight
+
+BLOCK = 32  # weights per block in every supported type
+BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}
+LLAMA_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+               "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+               "ffn_down": "mlp.down_proj"}
+DENSE_TYPES = ("F32", "F16", "BF16")  # stored unquantized in the file: the module stays dense
+
+
+class GGUFError(ValueError):
+    """A GGUF file whose blocks cannot be kept: unsupported architecture or block type, mismatched shapes."""
+
+
+def split_blocks(raw: torch.Tensor, qtype: str) -> dict[str, torch.Tensor]:
+    """The raw bytes of a (rows, blocks * block_bytes) uint8 tensor, as d (rows, blocks) fp16, m, and codes."""
+    rows = raw.shape[0]
+    blocks = raw.reshape(rows, -1, BLOCK_BYTES[qtype])  # (rows, nb, bytes)
+    parts = {"d": blocks[..., 0:2].contiguous().view(torch.float16).squeeze(-1)}
+    if qtype == "Q4_1":
+        parts["m"] = blocks[..., 2:4].contiguous().view(torch.float16).squeeze(-1)
+    parts["q"] = blocks[..., BLOCK_BYTES[qtype] - (BLOCK if qtype == "Q8_0" else BLOCK // 2):].contiguous()
+    if qtype == "Q8_0":
+        parts["q"] = parts["q"].view(torch.int8)
+    return parts
+
+
+def dequantize_blocks(parts: dict[str, torch.Tensor], qtype: str, dtype: torch.dtype) -> torch.Tensor:
+    """(rows, nb * 32) weights from split_blocks' parts; computed in fp32 (as ggml does), returned in `dtype`."""
+    q = parts["q"]
+    if qtype != "Q8_0":
+        q = torch.cat([q & 0x0F, q >> 4], dim=-1)  # (rows, nb, 32): low nibbles are weights 0-15
+    w = q.to(torch.float32)
+    if qtype == "Q4_0":
+        w = w - 8
+    w = w * parts["d"].to(torch.float32).unsqueeze(-1)
+    if qtype == "Q4_1":
+        w = w + parts["m"].to(torch.float32).unsqueeze(-1)
+    return w.reshape(q.shape[0], -1).to(dtype)
+
+
+class GGUFWeight(QuantWeight):
+    """A weight held as a GGUF file's blocks (split into scales and codes), dequantized on demand."""
+
+    def __init__(self, raw: torch.Tensor, qtype: str, shape: torch.Size, dtype: torch.dtype):
+        super().__init__(shape, dtype)
+        if qtype not in BLOCK_BYTES:
+            raise GGUFError(f"GGUF block type {qtype} is not supported (supported: {', '.join(BLOCK_BYTES)})")
+        self.qtype = qtype
+        self.format = f"gguf-{qtype}"
+        for key, value in split_blocks(raw, qtype).items():
+            self.register_buffer(key, value)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        parts = {key: getattr(self, key) for key in ("d", "m", "q") if hasattr(self, key)}
+        return dequantize_blocks(parts, self.qtype, dtype or self.dtype)  # (out, in)
+
+
+def rotary_rows(rows: int, heads: int) -> torch.Tensor:
+    """The row order transformers gives attn_q / attn_k: llama.cpp interleaves each head's rotary halves."""
+    return torch.arange(rows).reshape(heads, rows // heads // 2, 2).transpose(1, 2).reshape(rows)
+
+
+def _llama_module(tensor_name: str) -> str | None:
+    """blk.3.attn_q.weight -> model.layers.3.self_attn.q_proj; None for tensors that are not block Linears."""
+    parts = tensor_name.split(".")
+    if len(parts) != 4 or parts[0] != "blk" or parts[3] != "weight" or parts[2] not in LLAMA_NAMES:
+        return None
+    return f"model.layers.{parts[1]}.{LLAMA_NAMES[parts[2]]}"
+
+
+def _raw_rows(tensor, model: nn.Module, module: str) -> torch.Tensor:
+    """The tensor's bytes as (out, blocks * block_bytes) uint8, with attention rows in transformers' order."""
+    raw = torch.from_numpy(np.array(tensor.data, dtype=np.uint8, copy=True))  # (out, bytes): a private copy
+    cfg = model.config
+    if module.endswith("q_proj"):
+        raw = raw[rotary_rows(raw.shape[0], cfg.num_attention_heads)]
+    elif module.endswith("k_proj"):
+        raw = raw[rotary_rows(raw.shape[0], getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)]
+    return raw
+
+
+def keep_gguf_blocks(model: nn.Module, path: str | Path) -> dict[str, str]:
+    """Swap the block Linears of a Llama-family model loaded from GGUF `path` for ones holding the file's blocks.
+
+    Returns {module name: block type}. Tensors the file stores unquantized stay dense. Raises GGUFError (naming
+    the tensor) for an architecture or block type that cannot be kept, before touching the model.
+    """
+    from gguf import GGUFReader
+
+    from ..surgery import replace_module
+
+    reader = GGUFReader(str(path))
+    arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
+    if arch != "llama":
+        raise GGUFError(f"{path}: keeping GGUF blocks supports Llama-family files; this one is {arch!r} "
+                        "(use quantize: nf4, or none)")
+    plan = []
+    for tensor in reader.tensors:
+        module = _llama_module(tensor.name)
+        qtype = tensor.tensor_type.name
+        if module is None or qtype in DENSE_TYPES:
+            continue
+        if qtype not in BLOCK_BYTES:
+            raise GGUFError(f"{path}: tensor {tensor.name} is {qtype}; kept blocks support "
+                            f"{', '.join(BLOCK_BYTES)} (use quantize: nf4, or none)")
+        linear = model.get_submodule(module)
+        out_in = tuple(int(n) for n in reversed(tensor.shape))
+        if not isinstance(linear, nn.Linear) or tuple(linear.weight.shape) != out_in:
+            raise GGUFError(f"{path}: tensor {tensor.name} {out_in} does not match {module} of the loaded model")
+        plan.append((module, tensor, qtype, linear))
+    for module, tensor, qtype, linear in plan:
+        weight = GGUFWeight(_raw_rows(tensor, model, module), qtype, linear.weight.shape, linear.weight.dtype)
+        replace_module(model, module, QuantLinear(weight, linear.bias))
+    return {module: qtype for module, _, qtype, _ in plan}

@@ -1,0 +1,242 @@
+"""Quantized frozen bases (lorafit/quant): each format against its reference, LoRA on top, files and merging."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import randomize_lora, tiny_llama
+from torch import nn
+
+import lorafit
+from lorafit.quant import QuantLinear, model_bytes, quantize_model, quantized_weights
+from lorafit.quant.bnb import Int8Weight, NF4Weight
+from lorafit.quant.gguf import BLOCK_BYTES, GGUFError, GGUFWeight, dequantize_blocks, rotary_rows, split_blocks
+
+bnb_f = pytest.importorskip("bitsandbytes.functional")
+gguf_quants = pytest.importorskip("gguf.quants")
+
+
+def gaussian(shape, seed=0, dtype=torch.float32):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+# --- each format against its reference dequantization ---
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nf4_matches_bitsandbytes_exactly_with_double_quantized_scales(dtype):
+    w = gaussian((96, 128), dtype=dtype)
+    nf4 = NF4Weight(w)
+    packed, state = bnb_f.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+    assert torch.equal(nf4.dequantize(), bnb_f.dequantize_4bit(packed, state))
+    assert nf4.absmax.dtype == torch.uint8 and nf4.absmax.numel() == w.numel() // 64  # 8-bit block scales
+    assert nf4.packed.numel() == w.numel() // 2  # two 4-bit codes per byte
+    error = (nf4.dequantize(torch.float32) - w.float()).norm() / w.float().norm()
+    assert 0.05 < error < 0.12  # NF4's rounding on a Gaussian weight: real, and bounded
+
+
+def test_int8_matches_bitsandbytes_and_keeps_one_scale_per_row():
+    w = gaussian((64, 96))
+    q, stats, _ = bnb_f.int8_vectorwise_quant(w.half())
+    int8 = Int8Weight(w)
+    assert torch.equal(int8.dequantize(torch.float32), bnb_f.int8_vectorwise_dequant(q, stats))
+    assert int8.row_absmax.shape == (64,)
+    assert (int8.dequantize() - w).abs().max() <= w.abs().amax(dim=1).max() / 127
+
+
+@pytest.mark.parametrize("qtype", sorted(BLOCK_BYTES))
+def test_gguf_blocks_dequantize_exactly_as_the_gguf_package(qtype):
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((6, 128)).astype(np.float32)
+    raw = gguf_quants.quantize(w, gguf_quants.GGMLQuantizationType[qtype])  # (6, 4 blocks * bytes)
+    ours = dequantize_blocks(split_blocks(torch.from_numpy(raw), qtype), qtype, torch.float32)
+    np.testing.assert_array_equal(ours.numpy(), gguf_quants.dequantize(raw, gguf_quants.GGMLQuantizationType[qtype]))
+
+
+@pytest.mark.parametrize("qtype", sorted(BLOCK_BYTES))
+def test_gguf_kernels_agree_on_arbitrary_block_bytes(qtype):
+    """Not only on blocks the quantizer made: any scales and codes a file may hold."""
+    rng = np.random.default_rng(1)
+    raw = rng.integers(0, 256, size=(5, 3 * BLOCK_BYTES[qtype]), dtype=np.uint8)
+    scales = raw.reshape(5, 3, -1)
+    scales[..., 0:4] = rng.standard_normal((5, 3, 2)).astype(np.float16).view(np.uint8)  # finite d (and m)
+    ours = dequantize_blocks(split_blocks(torch.from_numpy(raw), qtype), qtype, torch.float32)
+    np.testing.assert_array_equal(ours.numpy(), gguf_quants.dequantize(raw, gguf_quants.GGMLQuantizationType[qtype]))
+
+
+def test_gguf_weight_refuses_block_types_it_has_no_kernel_for():
+    with pytest.raises(GGUFError, match="Q6_K is not supported"):
+        GGUFWeight(torch.zeros(4, 210, dtype=torch.uint8), "Q6_K", torch.Size([4, 256]), torch.float32)
+
+
+def test_rotary_rows_is_transformers_reverse_permutation():
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+
+    rows = np.arange(48)[:, None]
+    expected = LlamaTensorProcessor(config={})._reverse_permute_weights(rows, 4)[:, 0]
+    assert rotary_rows(48, 4).tolist() == expected.tolist()
+
+
+# --- the quantized layer ---
+
+@pytest.mark.parametrize("make", [NF4Weight, Int8Weight])
+def test_quant_linear_output_is_x_times_dequantized_weight(make):
+    w, b, x = gaussian((64, 128)), gaussian((64,), seed=1), gaussian((3, 5, 128), seed=2)
+    layer = QuantLinear(make(w), b)
+    reference = x @ layer.weight.dequantize(torch.float32).T + b
+    torch.testing.assert_close(layer(x), reference)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = layer(x)
+    assert fast.dtype == torch.bfloat16
+    torch.testing.assert_close(fast.float(), reference, atol=0.3, rtol=0.02)
+
+
+def test_backward_gives_the_input_gradient_and_none_to_the_base():
+    w, x = gaussian((64, 128)), gaussian((4, 128), seed=2).requires_grad_()
+    layer = QuantLinear(NF4Weight(w), None)
+    (layer(x) ** 2).sum().backward()
+    dense = layer.weight.dequantize(torch.float32)
+    x2 = x.detach().clone().requires_grad_()
+    ((x2 @ dense.T) ** 2).sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad)
+    assert not any(t.requires_grad for t in layer.parameters()) and all(b.grad is None for b in layer.buffers())
+
+
+# --- a whole model ---
+
+def test_quantize_model_touches_only_the_blocks_linears():
+    model = tiny_llama()
+    done = quantize_model(model, "nf4")
+    names = {name for name, _ in quantized_weights(model)}
+    assert len(done) == 2 * 7 and names == {f"{n}.weight" for n in done}  # q k v o gate up down, 2 blocks
+    assert type(model.lm_head) is nn.Linear and type(model.model.embed_tokens) is nn.Embedding
+    assert model_bytes(model) < model_bytes(tiny_llama())
+
+
+def test_quantize_refuses_bad_requests():
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="quantize must be one of"):
+        quantize_model(model, "nf3")
+    with pytest.raises(GGUFError, match="needs a model loaded from a .gguf"):
+        quantize_model(model, "gguf")
+    lorafit.inject(model, lorafit.LoraConfig(r=2, targets=["q_proj"]))
+    with pytest.raises(ValueError, match="before injecting adapters"):
+        quantize_model(model, "nf4")
+
+
+@pytest.mark.parametrize("method", ["nf4", "int8"])
+def test_lora_on_a_quantized_base_matches_the_dense_dequantized_model(method, ids):
+    """Same loss and same LoRA gradients as a dense fp32 model holding the dequantized weights; base untouched."""
+    quant = tiny_llama()
+    quantize_model(quant, method)
+    dense = tiny_llama()
+    with torch.no_grad():
+        for name, weight in quantized_weights(quant):
+            dense.get_parameter(name).copy_(weight.dequantize(torch.float32))
+    cfg = lorafit.LoraConfig(r=4, targets="all-linear")
+    for model in (quant, dense):
+        lorafit.inject(model, cfg)
+        randomize_lora(model)
+        model.train()
+    losses = [m(input_ids=ids, labels=ids).loss for m in (quant, dense)]
+    torch.testing.assert_close(losses[0], losses[1])
+    for loss in losses:
+        loss.backward()
+    grads = {n: p.grad for n, p in dense.named_parameters() if p.requires_grad}
+    for name, param in quant.named_parameters():
+        assert param.requires_grad == ("lora_" in name), name
+        if param.requires_grad:
+            torch.testing.assert_close(param.grad, grads[name], atol=1e-5, rtol=1e-4)
+    assert all(b.grad is None for _, w in quantized_weights(quant) for b in w.buffers())
+
+
+def test_adapter_from_a_quantized_base_loads_onto_the_dense_base(tmp_path, ids):
+    quant = tiny_llama()
+    quantize_model(quant, "nf4")
+    lorafit.inject(quant, lorafit.LoraConfig(r=4, targets=["q_proj", "v_proj"]))
+    randomize_lora(quant)
+    lorafit.save_adapter(quant, tmp_path / "adapter")
+    dense = tiny_llama()
+    lorafit.load_adapter(dense, tmp_path / "adapter")
+    ours = {n: p for n, p in quant.named_parameters() if "lora_" in n}
+    theirs = {n: p for n, p in dense.named_parameters() if "lora_" in n}
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[n], theirs[n]) for n in ours)
+    back = tiny_llama()  # and the other way round
+    quantize_model(back, "nf4")
+    lorafit.load_adapter(back, tmp_path / "adapter")
+    torch.testing.assert_close(back(ids).logits, quant(ids).logits)
+
+
+def test_merge_on_a_quantized_base_gives_dense_dequantized_weights_plus_delta(ids):
+    model = tiny_llama()
+    quantize_model(model, "nf4")
+    lorafit.inject(model, lorafit.LoraConfig(r=4, targets=["q_proj", "o_proj"]))
+    randomize_lora(model)
+    layer = model.model.layers[0].self_attn.q_proj
+    expected = layer.weight.dequantize() + layer.delta_weight("default")
+    unmerged = model(ids).logits
+    lorafit.merge(model)
+    assert isinstance(layer.weight, nn.Parameter) and torch.equal(layer.weight, expected)
+    torch.testing.assert_close(model(ids).logits, unmerged, atol=1e-4, rtol=1e-4)
+    lorafit.unload(model, merge_first=False)
+    assert type(model.model.layers[0].self_attn.q_proj) is nn.Linear  # merged: a plain dense Linear
+    assert type(model.model.layers[0].self_attn.k_proj) is QuantLinear  # never wrapped: still quantized
+    torch.testing.assert_close(model(ids).logits, unmerged, atol=1e-4, rtol=1e-4)
+
+
+def test_unload_without_merge_keeps_the_quantized_layers(ids):
+    model = tiny_llama()
+    quantize_model(model, "int8")
+    before = model(ids).logits
+    lorafit.inject(model, lorafit.LoraConfig(r=2, targets=["v_proj"]))
+    lorafit.unload(model, merge_first=False)
+    assert type(model.model.layers[1].self_attn.v_proj) is QuantLinear
+    assert torch.equal(model(ids).logits, before)
+
+
+# --- the training run and the real GGUF preset ---
+
+def test_run_config_validates_quantize():
+    from lorafit.config import ConfigError
+    from lorafit.runconfig import load_run_config
+
+    base = ["--data.train", "x.jsonl"]
+    assert load_run_config(None, [*base, "--model.quantize", "nf4"]).model.quantize == "nf4"
+    with pytest.raises(ConfigError, match="model: quantize must be one of none, nf4, int8, gguf"):
+        load_run_config(None, [*base, "--model.quantize", "fp4"])
+    with pytest.raises(ConfigError, match="method full trains base weights"):
+        load_run_config(None, [*base, "--model.quantize", "nf4", "--method", "full"])
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_training_on_an_nf4_base_learns_and_reports_its_memory(tmp_path, monkeypatch, precision):
+    from test_train import config, tiny_job
+
+    from lorafit.train import train
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tmp_path, model = tiny_job(tmp_path)
+    report = train(config(tmp_path, model, tmp_path / "q", "--train.steps", "12", "--model.quantize", "nf4",
+                          "--train.precision", precision), log=lambda _: None)
+    dense = train(config(tmp_path, model, tmp_path / "d", "--train.steps", "1", "--train.precision", precision),
+                  log=lambda _: None)
+    assert report["quantize"] == "nf4" and report["model_bytes"] < dense["model_bytes"]
+    assert report["tuned"]["loss"] < report["base"]["loss"]
+    loaded = tiny_llama()  # the adapter loads onto the plain dense base
+    lorafit.load_adapter(loaded, tmp_path / "q" / "adapter")
+
+
+@pytest.mark.slow
+def test_real_gguf_preset_keeps_its_blocks_exactly_as_transformers_dequantizes_them(monkeypatch):
+    from test_models import USER_CACHE, answer
+
+    from lorafit.models import load_model
+
+    monkeypatch.setenv("LORAFIT_CACHE", str(USER_CACHE))
+    dense, _ = load_model("smollm2-135m-instruct")
+    kept, tok = load_model("smollm2-135m-instruct", quantize="gguf")
+    weights = quantized_weights(kept)
+    assert len(weights) == 30 * 7 and {w.format for _, w in weights} == {"gguf-Q4_1"}
+    for name, weight in weights:
+        assert torch.equal(weight.dequantize(), dense.get_parameter(name)), name
+    assert model_bytes(kept) < 0.35 * model_bytes(dense)  # 30 Q4_1 blocks beside the fp32 embedding (113 MB)
+    assert "Paris" in answer(kept, tok, "What is the capital of France?")
