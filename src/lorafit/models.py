@@ -324,13 +324,28 @@ def load_model(model: str, task: str = "causal-lm", labels: list[str] | None = N
     tokenizer = _tokenizer(model, where, gguf)
     auto = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
     try:
-        net = auto.from_pretrained(where, **kwargs, **({"gguf_file": gguf} if gguf else {}))
+        net = auto.from_pretrained(where, **kwargs, **(_gguf_kwargs(gguf) if gguf else {}))
     except LOAD_ERRORS as err:
         raise _load_failed(model, where, gguf, "model", err) from err
     net.config.pad_token_id = tokenizer.pad_token_id
     if quantize != "none":
         _quantize(net, quantize, Path(where) / gguf if gguf else None)
     return net.eval(), tokenizer
+
+
+def _gguf_kwargs(gguf: str) -> dict:
+    """from_pretrained arguments for a GGUF file: always dequantized to plain modules.
+
+    transformers 5.24 can also keep GGUF blocks packed in modules of its own, when the `kernels` package serves
+    it a matmul kernel (fetched from the Hugging Face hub); LoRA cannot wrap those. Asking for the dequantized
+    model makes the result the same whether or not that package is installed (quantize="gguf" keeps the blocks
+    lorafit's own way afterwards).
+    """
+    try:
+        from transformers import GgufConfig
+    except ImportError:  # older transformers always dequantize
+        return {"gguf_file": gguf}
+    return {"gguf_file": gguf, "quantization_config": GgufConfig(dequantize=True)}
 
 
 def _quantize(net: torch.nn.Module, method: str, gguf_file: Path | None) -> None:

@@ -11,13 +11,17 @@ Setups (the peer's rows are the ones it documents as its best and its default):
   peft-best     PEFT on a bf16 base, fp32 LoRA weights, bf16 autocast, transformers' loss
   peft-fp32     PEFT, everything fp32
   full-fp32     full fine-tuning, fp32, no LoRA
-and on request (--setups): lorafit-fast-ckpt, the fast path with gradient checkpointing.
+and on request (--setups): lorafit-fast-ckpt, the fast path with gradient checkpointing; lorafit-nf4, the fast
+path on a base whose block weights are NF4 (QLoRA); lorafit-gguf, the fast path on the GGUF file's own blocks
+(needs --model to be a .gguf file or a GGUF preset).
+
+Peak RSS is the peak during the steps (the window opens after the model is loaded): loading a GGUF file
+dequantizes it whole before its blocks are kept, and that transient is not what training needs.
 """
 
 from __future__ import annotations
 
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -27,10 +31,12 @@ from pathlib import Path
 import torch
 
 from ..files import write_json, write_text
+from ..memory import peak_rss_mb, reset_peak
+from ..quant import release_freed_memory
 from .common import EXAMPLE_DATA, forward_flops, machine, markdown, matmul_peak, median, text_batches
 
 SETUPS = ("lorafit-fast", "lorafit-fp32", "peft-best", "peft-fp32", "full-fp32")
-EXTRA_SETUPS = ("lorafit-fast-ckpt",)  # on request: the fast path with gradient checkpointing
+EXTRA_SETUPS = ("lorafit-fast-ckpt", "lorafit-nf4", "lorafit-gguf")  # on request: checkpointing, QLoRA bases
 
 
 @dataclass
@@ -103,7 +109,7 @@ def _report(cfg, folder, peaks, times, losses, rss, out: Path) -> dict:
     for name in cfg.setups:
         step = median(times[name])
         flops = fwd * (3 if name.startswith("full") else 2)  # LoRA: forward + activation gradients only
-        peak = peaks["bf16" if name.startswith(("lorafit-fast", "peft-best")) else "fp32"]
+        peak = peaks["bf16" if _bf16(name) else "fp32"]
         rows.append({"name": name, "tokens_per_s": round(tokens / step, 1), "step_s": round(step, 4),
                      "peak_rss_mb": round(rss[name]), "final_loss": round(losses[name], 4),
                      "gflops": round(flops / step / 1e9, 1), "peak_share": round(flops / step / 1e9 / peak, 3)})
@@ -166,8 +172,16 @@ def build_step(name: str, cfg: TrainBench, folder: str):
     """The setup's model and a function batch -> (seconds, loss) doing one full optimizer step."""
     from transformers import AutoModelForCausalLM
 
-    bf16 = name.startswith(("lorafit-fast", "peft-best"))
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16 if bf16 else torch.float32)
+    from ..models import load_model
+    from ..quant import quantize_model
+
+    bf16 = _bf16(name)
+    if name == "lorafit-gguf":  # the file's blocks, not the folder's dequantized copy
+        model = load_model(cfg.model, dtype=torch.bfloat16, quantize="gguf")[0]
+    else:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16 if bf16 else torch.float32)
+    if name == "lorafit-nf4":
+        quantize_model(model, "nf4")
     if name.startswith("lorafit"):
         return _lorafit_step(model, cfg, "bf16" if bf16 else "fp32", checkpointing=name.endswith("-ckpt"))
     if name.startswith("peft"):
@@ -213,6 +227,11 @@ def _lorafit_step(model, cfg: TrainBench, precision: str, checkpointing: bool):
     return step
 
 
+def _bf16(name: str) -> bool:
+    """Whether the setup runs the bf16 path (and is measured against the bf16 matmul peak)."""
+    return name.startswith(("lorafit-fast", "peft-best", "lorafit-nf4", "lorafit-gguf"))
+
+
 def worker(name: str, cfg_json: str, folder: str, batches_path: str) -> None:
     """Load one setup, then answer {"step": i} with {"seconds", "loss"} and {"end": true} with peak RSS."""
     replies, sys.stdout = sys.stdout, sys.stderr  # whatever the libraries print must not garble the replies
@@ -221,12 +240,13 @@ def worker(name: str, cfg_json: str, folder: str, batches_path: str) -> None:
         torch.set_num_threads(cfg.threads)
     batches = torch.load(batches_path, weights_only=True)
     step = build_step(name, cfg, folder)
+    release_freed_memory()  # what loading freed goes back to the OS before the window opens
+    reset_peak()
     print(json.dumps({"ready": True}), file=replies, flush=True)
     for line in sys.stdin:
         message = json.loads(line)
         if message.get("end"):
-            peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux: kilobytes
-            print(json.dumps({"peak_rss_mb": peak_kb / 1024}), file=replies, flush=True)
+            print(json.dumps({"peak_rss_mb": peak_rss_mb()}), file=replies, flush=True)
             return
         ids = batches[message["step"]]
         seconds, loss = step({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})

@@ -11,6 +11,8 @@ rebuilt from them on each dequantize (a few Python attribute sets, no copies).
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from .linear import QuantWeight
@@ -19,7 +21,12 @@ NF4_BLOCK, NF4_SCALE_BLOCK = 64, 256  # 4-bit blocks of 64 weights; their 8-bit 
 
 
 def _bnb():
-    """bitsandbytes.functional, imported on first use (its import prints a notice about optional CPU kernels)."""
+    """bitsandbytes.functional, imported on first use.
+
+    On CPUs with bf16 its import warns that an optional 4-bit GEMM kernel (fetched from a model hub) is missing;
+    lorafit never uses that kernel (it dequantizes and multiplies itself), so the warning is silenced.
+    """
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     import bitsandbytes.functional as bnb_f
 
     return bnb_f
