@@ -306,12 +306,26 @@ def test_packing_makes_full_rows_with_labels_beside_their_tokens(tmp_path):
 
 
 def test_collate_pads_right_with_ignore_labels():
-    batch = collate([Example([5, 6, 7], [IGNORE, 6, 7]), Example([8], [8])], pad_id=0)
+    batch = collate([Example([5, 6, 7], [IGNORE, 6, 7]), Example([8], [8])], pad_id=0, multiple=1)
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [[IGNORE, 6, 7], [8, IGNORE, IGNORE]]
     classes = collate([Example([1, 2], 1), Example([3], 0)], pad_id=0)["labels"]
     assert classes.dtype == torch.long and classes.tolist() == [1, 0]
+    bucketed = collate([Example([5, 6, 7], [IGNORE, 6, 7])] * 2 + [Example([1] * 17, [1] * 17)], pad_id=0)
+    assert bucketed["input_ids"].shape == (3, 32)  # 17 tokens round up to the next multiple of 16
+    assert bucketed["attention_mask"][0].tolist() == [1] * 3 + [0] * 29 and (bucketed["labels"][0, 3:] == IGNORE).all()
+
+
+def test_bucket_padding_leaves_the_loss_unchanged():
+    from conftest import tiny_llama
+
+    from lorafit.fast import loss_of
+
+    model = tiny_llama()
+    examples = [Example(list(range(3, 12)), [IGNORE] * 4 + list(range(7, 12))), Example([4, 5, 6], [4, 5, 6])]
+    tight, bucketed = (loss_of(model, collate(examples, pad_id=0, multiple=m)) for m in (1, 16))
+    torch.testing.assert_close(tight, bucketed)
 
 
 def test_batches_are_deterministic_per_seed_and_epoch_and_start_resumes():

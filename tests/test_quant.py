@@ -1,5 +1,7 @@
 """Quantized frozen bases (lorafit/quant): each format against its reference, LoRA on top, files and merging."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -240,3 +242,31 @@ def test_real_gguf_preset_keeps_its_blocks_exactly_as_transformers_dequantizes_t
         assert torch.equal(weight.dequantize(), dense.get_parameter(name)), name
     assert model_bytes(kept) < 0.35 * model_bytes(dense)  # 30 Q4_1 blocks beside the fp32 embedding (113 MB)
     assert "Paris" in answer(kept, tok, "What is the capital of France?")
+
+
+def test_cli_trains_on_nf4_and_merges_into_the_dequantized_base(tmp_path):
+    """`lorafit train --quantize nf4`, then `lorafit merge --quantize nf4`: a plain folder equal to dequant + BA."""
+    from test_cli import lorafit as run
+    from test_models import saved_tiny_model
+    from transformers import AutoModelForCausalLM
+
+    model = saved_tiny_model(tmp_path / "model")
+    rows = [{"instruction": f"{a} {b}", "input": "", "output": b} for a in ("cat", "dog") for b in ("hello", "world")]
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows * 3) + "\n")
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model:\n  name: {model}\ndata:\n  train: train.jsonl\n  val_fraction: 0.25\n"
+                      f"lora:\n  targets: all-linear\ntrain:\n  steps: 3\n  batch_size: 2\nout: {tmp_path / 'run'}\n")
+    done = run("train", str(config), "--quantize", "nf4", "--train.lr", "1e-2", "--eval.max_new_tokens", "2")
+    assert done.returncode == 0 and "quantize: nf4: 14 block weights quantized" in done.stderr, done.stderr
+    adapter = tmp_path / "run" / "adapter"
+    done = run("merge", "--adapter", str(adapter), "--out", str(tmp_path / "merged"), "--quantize", "nf4")
+    assert done.returncode == 0 and "nf4 base weights dequantized" in done.stderr, done.stderr
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    net = tiny_llama()  # the same random weights the saved folder holds
+    quantize_model(net, "nf4")
+    lorafit.load_adapter(net, adapter)
+    ids = torch.tensor([[3, 4, 5, 6]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, net(ids).logits, atol=1e-4, rtol=1e-4)
+    done = run("train", str(config), "--quantize", "nf4", "--method", "full")
+    assert done.returncode == 2 and "method full trains base weights" in done.stderr

@@ -298,7 +298,7 @@ def analyze(adapter: Annotated[Path, typer.Argument(help="adapter folder")],
 @app.command(context_settings=EXTRA)
 def sweep(ctx: typer.Context,
           config: Annotated[Path, typer.Argument(help="YAML training config every cell starts from")],
-          grid: Annotated[list[str] | None, typer.Option(help="rank, targets, budget or methods (repeatable)")]
+          grid: Annotated[list[str] | None, typer.Option(help="rank, targets, budget, methods, quantize (repeatable)")]
           = None,
           family: Annotated[str, typer.Option(help="module names for q/k/v/o: llama (q_proj...) or bert (query...)")]
           = "llama",

@@ -5,6 +5,8 @@ Grids (Hu et al. 2021 sections 7.1-7.2 and the talks' method comparison):
     targets  LoRA on {q}, {k}, {v}, {o}, {q,k}, {q,v}, {q,k,v,o} at the config's rank
     budget   one parameter budget spent three ways (the paper's Table 5): r=8 on one matrix, r=4 on two, r=2 on four
     methods  LoRA beside full, freeze, bitfit, adapter, prefix, prompt, mezo and in-context
+    quantize LoRA on the base as loaded in fp32 and bf16, and quantized: nf4, int8, the GGUF file's own blocks,
+             and nf4 / gguf with gradient checkpointing (QLoRA's memory, Dettmers et al. 2023)
 
 Every cell is `lorafit train` in its own process (so each cell's peak memory is its own) writing to
 out/cells/<cell>/. A cell whose results.json exists is not run again: an interrupted sweep resumes where it
@@ -22,7 +24,7 @@ from pathlib import Path
 
 from .files import atomic_write, write_json, write_text
 
-GRIDS = ("rank", "targets", "budget", "methods")
+GRIDS = ("rank", "targets", "budget", "methods", "quantize")
 RANKS = (1, 2, 4, 8, 64)
 TARGET_SETS = ("q", "k", "v", "o", "qk", "qv", "qkvo")
 BUDGET = (("q", 8), ("k", 8), ("v", 8), ("o", 8), ("qk", 4), ("qv", 4), ("qkvo", 2))
@@ -30,6 +32,12 @@ METHODS = ("lora", "full", "freeze", "bitfit", "adapter", "prefix", "prompt", "m
 # Learning rates per method where LoRA's would be wrong (common values from each method's paper, not tuned here):
 # updating every weight wants a far smaller step; virtual tokens a larger one. Extra options given to the sweep
 # come after these and win.
+QUANTIZE_CELLS = {
+    "fp32": ["--train.precision", "fp32"], "bf16": ["--train.precision", "bf16"],
+    "nf4": ["--model.quantize", "nf4"], "int8": ["--model.quantize", "int8"], "gguf": ["--model.quantize", "gguf"],
+    "nf4-ckpt": ["--model.quantize", "nf4", "--train.checkpointing", "true"],
+    "gguf-ckpt": ["--model.quantize", "gguf", "--train.checkpointing", "true"],
+}
 METHOD_LR = {"full": 5e-5, "freeze": 1e-4, "prefix": 1e-2, "prompt": 3e-2, "mezo": 1e-4}
 # The attention projections by their short names, per naming family (Llama-style decoders, BERT encoders).
 MODULE_NAMES = {
@@ -52,6 +60,8 @@ def cells(grid: str, family: str = "llama") -> dict[str, list[str]]:
         return {f"{s}-r{r}": ["--lora.targets", _targets(s, family), "--lora.r", str(r)] for s, r in BUDGET}
     if grid == "methods":
         return {m: ["--method", m, *(["--train.lr", str(METHOD_LR[m])] if m in METHOD_LR else [])] for m in METHODS}
+    if grid == "quantize":
+        return dict(QUANTIZE_CELLS)
     raise ValueError(f"unknown grid {grid!r}; choose from {', '.join(GRIDS)}")
 
 
@@ -82,7 +92,8 @@ def summarize(name: str, report: dict) -> dict:
             "value": tuned.get("value"), "base_value": base.get("value"), "loss": tuned.get("loss"),
             "trainable_params": report.get("trainable_params", 0), "train_seconds": report.get("train_seconds", 0),
             "peak_rss_mb": report.get("peak_rss_mb_train", report.get("peak_rss_mb_inference")),
-            "file_bytes": (report.get("adapter") or {}).get("file_bytes", 0)}
+            "file_bytes": (report.get("adapter") or {}).get("file_bytes", 0),
+            "model_bytes": report.get("model_bytes", 0)}
 
 
 def sweep(config: str | Path, grids: list[str], out: str | Path, extra: list[str] | None = None,
@@ -110,18 +121,20 @@ def _size(n: int) -> str:
 
 def format_table(result: dict) -> str:
     """The sweep as a markdown table, one row per cell."""
-    head = "| cell | metric | base | trainable params | train s | peak RSS MB | file |\n|---|---|---|---|---|---|---|\n"
+    head = ("| cell | metric | base | trainable params | train s | peak RSS MB | file | model in memory |\n"
+            "|---|---|---|---|---|---|---|---|\n")
     lines = []
     for r in result["rows"]:
         if "error" in r:
-            lines.append(f"| {r['cell']} | failed: {r['error'][:80]} | | | | | |")
+            lines.append(f"| {r['cell']} | failed: {r['error'][:80]} | | | | | | |")
             continue
         value = f"{r['value']:.2f} {r['metric']}" if r["value"] is not None else "-"
         base = f"{r['base_value']:.2f}" if r["base_value"] is not None else "-"
         rss = f"{r['peak_rss_mb']:,.0f}" if r["peak_rss_mb"] else "-"
         size = _size(r["file_bytes"]) if r["file_bytes"] else "-"
+        model = f"{r['model_bytes'] / 1e6:,.0f} MB" if r.get("model_bytes") else "-"
         lines.append(f"| {r['cell']} | {value} | {base} | {r['trainable_params']:,} | {r['train_seconds']:.0f} | "
-                     f"{rss} | {size} |")
+                     f"{rss} | {size} | {model} |")
     return head + "\n".join(lines) + "\n"
 
 

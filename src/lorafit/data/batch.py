@@ -10,13 +10,20 @@ import torch
 
 from .encode import IGNORE, Example
 
+# Batches are padded to a multiple of this many tokens. On CPU, every new sequence length makes oneDNN build (and
+# keep) new matmul primitives: with free lengths the process grew ~10 MB per step for dozens of steps; in buckets
+# of 16 the fine-tuning example trains in ~250 MB less and no slower (the README's QLoRA section has the figures).
+# The padding is masked out and labelled IGNORE: results are the same.
+PAD_MULTIPLE = 16
 
-def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+
+def collate(examples: list[Example], pad_id: int, multiple: int = PAD_MULTIPLE) -> dict[str, torch.Tensor]:
     """Right-pad examples into a batch: input_ids (B, T), attention_mask (B, T), labels (B, T) padded with
-    IGNORE for LM examples or (B,) class indices for classification."""
+    IGNORE for LM examples or (B,) class indices for classification. T is the longest example rounded up to a
+    multiple of `multiple` (see PAD_MULTIPLE)."""
     if not examples:
         raise ValueError("collate needs at least one example")
-    width = max(len(e.input_ids) for e in examples)
+    width = math.ceil(max(len(e.input_ids) for e in examples) / multiple) * multiple
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)  # (B, T)
     attention_mask = torch.zeros((len(examples), width), dtype=torch.long)  # (B, T) 1 on real tokens
     classify = isinstance(examples[0].labels, int)
