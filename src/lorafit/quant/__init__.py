@@ -91,8 +91,3 @@ def release_freed_memory() -> None:
     libc = ctypes.CDLL(libc_name) if libc_name else None
     if libc is not None and hasattr(libc, "malloc_trim"):
         libc.malloc_trim(0)
-
-
-def dense_weight(weight: torch.Tensor | QuantWeight) -> torch.Tensor:
-    """The weight as a dense tensor in its original dtype (a quantized one dequantized)."""
-    return weight.dequantize() if is_quantized(weight) else weight
