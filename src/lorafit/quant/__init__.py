@@ -15,7 +15,6 @@ import ctypes
 import ctypes.util
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from .bnb import Int8Weight, NF4Weight
