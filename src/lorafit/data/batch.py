@@ -13,7 +13,7 @@ from .encode import IGNORE, Example
 # Batches are padded to a multiple of this many tokens. On CPU, every new sequence length makes oneDNN build (and
 # keep) new matmul primitives: with free lengths the process grew ~10 MB per step for dozens of steps; in buckets
 # of 16 the fine-tuning example trains in ~400 MB less (README, QLoRA section). Speed: equal or faster in 30-step
-# probes, 9% slower over 100 steps on a busy machine; the padded tokens are ~7% more work on that data.
+# probes, 9% slower over 100 steps on a busy machine; padding adds 8.8% tokens on that data.
 # The padding is masked out and labelled IGNORE: results are the same.
 PAD_MULTIPLE = 16
 
