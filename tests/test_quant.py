@@ -270,3 +270,21 @@ def test_cli_trains_on_nf4_and_merges_into_the_dequantized_base(tmp_path):
         torch.testing.assert_close(merged(ids).logits, net(ids).logits, atol=1e-4, rtol=1e-4)
     done = run("train", str(config), "--quantize", "nf4", "--method", "full")
     assert done.returncode == 2 and "method full trains base weights" in done.stderr
+
+
+def test_the_head_is_quantized_only_when_asked_and_never_a_tied_one(ids):
+    model = tiny_llama()  # an untied head
+    before = model(ids).logits
+    done = quantize_model(model, "int8", head=True)
+    assert type(model.lm_head) is QuantLinear and done["lm_head"] == "int8"
+    torch.testing.assert_close(model(ids).logits, before, atol=0.05, rtol=0.05)
+    tied = tiny_llama()
+    tied.lm_head.weight = tied.model.embed_tokens.weight
+    with pytest.raises(ValueError, match="shares its weight with the input embedding"):
+        quantize_model(tied, "nf4", head=True)
+    assert quantized_weights(tied) == []  # refused before anything changed
+    from lorafit.config import ConfigError
+    from lorafit.runconfig import load_run_config
+
+    with pytest.raises(ConfigError, match="quantize_head needs quantize: nf4 or int8"):
+        load_run_config(None, ["--data.train", "x.jsonl", "--model.quantize_head", "true"])

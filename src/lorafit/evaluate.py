@@ -119,7 +119,11 @@ def evaluate_adapters(cfg, adapters: list[str], with_base: bool, log: Callable[[
 
     train_rows, val_rows, fmt = load_splits(cfg.data, seed=cfg.train.seed, log=log)
     labels = label_set(train_rows, val_rows) if cfg.model.task == "classification" else None
-    model, tokenizer = load_model(cfg.model.name, task=cfg.model.task, labels=labels, quantize=cfg.model.quantize)
+    def load() -> tuple:  # the base as training loaded it (quantized the same way)
+        return load_model(cfg.model.name, task=cfg.model.task, labels=labels, quantize=cfg.model.quantize,
+                          quantize_head=cfg.model.quantize_head)
+
+    model, tokenizer = load()
     rows = val_rows[:cfg.eval.limit]
     examples = encode(rows, fmt, tokenizer, cfg.data, labels)
     metric = pick_metric(cfg, fmt)
@@ -130,7 +134,7 @@ def evaluate_adapters(cfg, adapters: list[str], with_base: bool, log: Callable[[
     for path in adapters:
         names.append(adapter_name(path, names))
         if is_method_folder(path):  # another method changes the model itself: score it on its own copy
-            own, _ = load_model(cfg.model.name, task=cfg.model.task, labels=labels, quantize=cfg.model.quantize)
+            own, _ = load()
             load_method(own, path)
             results.append({"name": names[-1], **run(own)})
         else:

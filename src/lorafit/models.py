@@ -303,7 +303,8 @@ def _head_kwargs(labels: list[str] | None) -> dict:
 
 
 def load_model(model: str, task: str = "causal-lm", labels: list[str] | None = None,
-               dtype: torch.dtype = torch.float32, quantize: str = "none") -> tuple[torch.nn.Module, object]:
+               dtype: torch.dtype = torch.float32, quantize: str = "none",
+               quantize_head: bool = False) -> tuple[torch.nn.Module, object]:
     """(model in eval mode, tokenizer) for a preset name, a model folder, a .gguf file or a hub id.
 
     task "causal-lm" gives AutoModelForCausalLM; "classification" gives AutoModelForSequenceClassification with
@@ -311,7 +312,8 @@ def load_model(model: str, task: str = "causal-lm", labels: list[str] | None = N
     label2id set; labels=None keeps the checkpoint's own labels. A GGUF file is dequantized to `dtype` on load.
     config.pad_token_id is set from the tokenizer (sequence classification needs it to find the last token).
     quantize "nf4" / "int8" / "gguf" stores the blocks' Linear weights quantized (lorafit.quant): "gguf" keeps
-    the blocks of the .gguf file the model comes from instead of their dequantized copies.
+    the blocks of the .gguf file the model comes from instead of their dequantized copies; quantize_head also
+    quantizes the output head (nf4 / int8, untied heads only).
     """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -329,7 +331,7 @@ def load_model(model: str, task: str = "causal-lm", labels: list[str] | None = N
         raise _load_failed(model, where, gguf, "model", err) from err
     net.config.pad_token_id = tokenizer.pad_token_id
     if quantize != "none":
-        _quantize(net, quantize, Path(where) / gguf if gguf else None)
+        _quantize(net, quantize, Path(where) / gguf if gguf else None, quantize_head)
     return net.eval(), tokenizer
 
 
@@ -348,16 +350,16 @@ def _gguf_kwargs(gguf: str) -> dict:
     return {"gguf_file": gguf, "quantization_config": GgufConfig(dequantize=True)}
 
 
-def _quantize(net: torch.nn.Module, method: str, gguf_file: Path | None) -> None:
+def _quantize(net: torch.nn.Module, method: str, gguf_file: Path | None, head: bool) -> None:
     """lorafit.quant.quantize_model, with its errors as ModelErrors that name the file."""
-    from .quant import GGUFError, quantize_model
+    from .quant import quantize_model
 
     if method == "gguf" and gguf_file is None:
         raise ModelError("quantize: gguf keeps the blocks of a GGUF file; this model was not loaded from one "
                          "(use nf4 or int8)")
     try:
-        quantize_model(net, method, gguf_file)
-    except GGUFError as err:
+        quantize_model(net, method, gguf_file, head=head)
+    except ValueError as err:  # GGUFError included: an unsupported file or block type
         raise ModelError(str(err)) from None
 
 

@@ -50,7 +50,7 @@ def train(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] = pri
     log(f"precision: {precision}" + (" (frozen base in bf16, LoRA weights and optimizer in fp32)"
                                      if precision == "bf16" else " (exact)"))
     model, tokenizer = load_model(cfg.model.name, task=cfg.model.task, labels=labels, dtype=dtype_for(precision),
-                                  quantize=cfg.model.quantize)
+                                  quantize=cfg.model.quantize, quantize_head=cfg.model.quantize_head)
     if cfg.model.quantize != "none":
         log(f"quantize: {cfg.model.quantize}: {len(quantized_weights(model))} block weights quantized; "
             f"model weights in memory: {model_bytes(model) / 1e6:,.1f} MB")

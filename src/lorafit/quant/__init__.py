@@ -28,11 +28,13 @@ __all__ = ["QUANTIZE", "GGUFError", "QuantLinear", "QuantWeight", "dequant_linea
            "keep_gguf_blocks", "model_bytes", "quantize_model", "quantized_weights", "release_freed_memory"]
 
 
-def quantize_model(model: nn.Module, method: str, gguf_file: str | Path | None = None) -> dict[str, str]:
+def quantize_model(model: nn.Module, method: str, gguf_file: str | Path | None = None,
+                   head: bool = False) -> dict[str, str]:
     """Quantize the frozen Linear weights inside the model's blocks in place; returns {module name: format}.
 
     method "nf4" / "int8" quantizes the weights the model holds (bitsandbytes); "gguf" swaps in the blocks of
-    `gguf_file`, the file the model was loaded from. Call it before injecting adapters.
+    `gguf_file`, the file the model was loaded from. head=True also quantizes the output head (nf4 / int8, and
+    only when it does not share its weight with the input embedding). Call it before injecting adapters.
     """
     from ..methods.select import blocks_of
     from ..surgery import lora_layers, replace_module
@@ -41,6 +43,7 @@ def quantize_model(model: nn.Module, method: str, gguf_file: str | Path | None =
         raise ValueError(f"quantize must be one of {', '.join(QUANTIZE[1:])}, got {method!r}")
     if next(lora_layers(model), None) is not None:
         raise ValueError("quantize the base before injecting adapters (this model already has LoRA layers)")
+    head_name, head_module = _output_head(model, method) if head else (None, None)  # checked before any change
     if method == "gguf":
         if gguf_file is None:
             raise GGUFError("quantize: gguf keeps a GGUF file's blocks and needs a model loaded from a .gguf file")
@@ -53,8 +56,27 @@ def quantize_model(model: nn.Module, method: str, gguf_file: str | Path | None =
                 weight = WEIGHT_TYPES[method](module.weight.data)
                 replace_module(model, name, QuantLinear(weight, module.bias))
                 done[name] = weight.format
+    if head_module is not None:
+        weight = WEIGHT_TYPES[method](head_module.weight.data)
+        replace_module(model, head_name, QuantLinear(weight, head_module.bias))
+        done[head_name] = weight.format
     release_freed_memory()
     return done
+
+
+def _output_head(model: nn.Module, method: str) -> tuple[str, nn.Linear]:
+    """(name, module) of the output head quantize_model(head=True) may quantize; ValueError for a tied head."""
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    name = next((n for n, m in model.named_modules() if m is out), None)
+    if type(out) is not nn.Linear or name is None:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear output head to quantize")
+    if method == "gguf":
+        raise ValueError("quantize_head: gguf keeps the file's block weights only; use nf4 or int8 for the head")
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embedding is not None and embedding.weight is out.weight:
+        raise ValueError(f"the output head {name} shares its weight with the input embedding (tied); quantizing "
+                         "it would untie them: leave quantize_head off for this model")
+    return name, out
 
 
 def is_quantized(weight) -> bool:
