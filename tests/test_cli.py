@@ -35,7 +35,8 @@ def test_user_mistakes_are_one_clear_line_and_exit_2(tmp_path):
     assert done.returncode == 2 and "adapter_config.json: not found" in done.stderr
 
 
-def test_train_eval_merge_generate_end_to_end_on_a_tiny_model(tmp_path):
+def tiny_run_config(tmp_path) -> Path:
+    """A saved tiny model, instruction data and a 3-step config writing to tmp_path/run: the config's path."""
     from test_models import saved_tiny_model
 
     model = saved_tiny_model(tmp_path / "model")
@@ -44,6 +45,11 @@ def test_train_eval_merge_generate_end_to_end_on_a_tiny_model(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text(f"model:\n  name: {model}\ndata:\n  train: train.jsonl\n  val_fraction: 0.25\n"
                       f"lora:\n  targets: all-linear\ntrain:\n  steps: 3\n  batch_size: 2\nout: {tmp_path / 'run'}\n")
+    return config
+
+
+def test_train_eval_merge_generate_end_to_end_on_a_tiny_model(tmp_path):
+    config = tiny_run_config(tmp_path)
     done = lorafit("train", str(config), "--train.lr", "1e-2", "--eval.max_new_tokens", "2", "--precision", "fp32")
     assert done.returncode == 0, done.stderr
     assert json.loads((tmp_path / "run" / "results.json").read_text())["precision"] == "fp32"

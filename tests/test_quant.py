@@ -1,6 +1,5 @@
 """Quantized frozen bases (lorafit/quant): each format against its reference, LoRA on top, files and merging."""
 
-import json
 
 import numpy as np
 import pytest
@@ -247,15 +246,10 @@ def test_real_gguf_preset_keeps_its_blocks_exactly_as_transformers_dequantizes_t
 def test_cli_trains_on_nf4_and_merges_into_the_dequantized_base(tmp_path):
     """`lorafit train --quantize nf4`, then `lorafit merge --quantize nf4`: a plain folder equal to dequant + BA."""
     from test_cli import lorafit as run
-    from test_models import saved_tiny_model
+    from test_cli import tiny_run_config
     from transformers import AutoModelForCausalLM
 
-    model = saved_tiny_model(tmp_path / "model")
-    rows = [{"instruction": f"{a} {b}", "input": "", "output": b} for a in ("cat", "dog") for b in ("hello", "world")]
-    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows * 3) + "\n")
-    config = tmp_path / "run.yaml"
-    config.write_text(f"model:\n  name: {model}\ndata:\n  train: train.jsonl\n  val_fraction: 0.25\n"
-                      f"lora:\n  targets: all-linear\ntrain:\n  steps: 3\n  batch_size: 2\nout: {tmp_path / 'run'}\n")
+    config = tiny_run_config(tmp_path)
     done = run("train", str(config), "--quantize", "nf4", "--train.lr", "1e-2", "--eval.max_new_tokens", "2")
     assert done.returncode == 0 and "quantize: nf4: 14 block weights quantized" in done.stderr, done.stderr
     adapter = tmp_path / "run" / "adapter"
