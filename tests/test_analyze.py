@@ -17,12 +17,11 @@ from lorafit.analyze import (
     delta_svd,
     energy_rank,
     entropy_rank,
-    format_tables,
     projection_norms,
     read_updates,
     subspace_similarity,
-    write_report,
 )
+from lorafit.analyze_report import format_tables, write_report
 
 
 @pytest.fixture(autouse=True)

@@ -62,6 +62,18 @@ def test_train_eval_merge_generate_end_to_end_on_a_tiny_model(tmp_path):
     assert done.returncode == 0 and done.stdout.startswith("[base] "), done.stderr
     done = lorafit("train", str(config), "--lora.rank", "4")
     assert done.returncode == 2 and "lora.rank: unknown key" in done.stderr
+    done = lorafit("analyze", str(tmp_path / "run" / "adapter"), "--no-base", "--out", str(tmp_path / "analyze"))
+    assert done.returncode == 0 and "## ΔW spectra" in done.stdout, done.stderr
+    assert (tmp_path / "analyze" / "spectra.png").is_file()
+
+
+def test_plan_prints_the_talks_gpt2_medium_line_and_writes_its_report(tmp_path):
+    done = lorafit("plan", "gpt2-medium", "--r", "8", "--targets", "c_attn", "--out", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[0] == "trainable params: 786,432 || all params: 355,609,600 || trainable%: 0.2212"
+    assert {p.name for p in tmp_path.iterdir()} == {"plan.json", "plan.md", "plan.png"}
+    done = lorafit("plan", "gpt2-medium", "--targets", "no_such_module", "--out", str(tmp_path / "bad"))
+    assert done.returncode == 2 and "no_such_module" in done.stderr and "Traceback" not in done.stderr
 
 
 def test_chat_streams_turns_with_history_and_matches_generate(tmp_path):

@@ -10,6 +10,7 @@ from conftest import tiny_gpt2, tiny_llama
 
 import lorafit
 from lorafit import plan as P
+from lorafit import plan_report
 from lorafit.models import cached_path
 
 
@@ -23,7 +24,7 @@ def test_gpt2_medium_r8_c_attn_prints_the_talks_line():
     res = P.plan("gpt2-medium", r=8, targets=["c_attn"])
     assert res["params"]["peft_line"] == "trainable params: 786,432 || all params: 355,609,600 || trainable%: 0.2212"
     assert res["params"]["base"] == 354_823_168  # the talk's full-model line
-    assert P.format_plan(res).splitlines()[0] == res["params"]["peft_line"]
+    assert plan_report.format_plan(res).splitlines()[0] == res["params"]["peft_line"]
 
 
 @pytest.mark.parametrize("name, n_layer, d, n_pos", [("gpt2", 12, 768, 1024), ("gpt2-medium", 24, 1024, 1024),
@@ -171,7 +172,7 @@ def test_errors_name_the_preset_file_and_modules(tmp_path):
 
 def test_write_report_writes_json_markdown_and_png(tmp_path):
     res = P.plan("smollm2-135m", r=8, targets=["q_proj", "v_proj"], checkpointing=True)
-    paths = P.write_report(res, tmp_path / "plan")
+    paths = plan_report.write_report(res, tmp_path / "plan")
     assert json.loads((tmp_path / "plan" / "plan.json").read_text()) == json.loads(json.dumps(res))
     md = (tmp_path / "plan" / "plan.md").read_text()
     assert md.startswith(res["params"]["peft_line"]) and "### Assumptions" in md and "16 bytes/param" in md

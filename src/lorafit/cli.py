@@ -257,8 +257,8 @@ def plan(source: Annotated[str, typer.Argument(help="preset (gpt2, gpt2-medium, 
          checkpointing: Annotated[bool, typer.Option(help="assume full gradient checkpointing")] = False,
          out: Annotated[Path, typer.Option(help="folder for plan.json, plan.md, plan.png")] = Path("runs/plan")):
     """Parameters, adapter file size and training memory (full, LoRA, QLoRA) from a model config; no weights."""
-    from .plan import format_plan, write_report
     from .plan import plan as make_plan
+    from .plan_report import format_plan, write_report
 
     result = make_plan(source, r=r, alpha=alpha, targets=targets.split(",") if targets else None,
                        batch_size=batch_size, seq_len=seq_len, adapter_dtype=adapter_dtype, checkpointing=checkpointing)
@@ -278,7 +278,7 @@ def analyze(adapter: Annotated[Path, typer.Argument(help="adapter folder")],
             out: Annotated[Path, typer.Option(help="output folder")] = Path("runs/analyze")):
     """What the adapter learned (Hu et al. 2021, section 7): ΔW spectra, subspace similarity, amplification."""
     from .analyze import analyze as run
-    from .analyze import format_tables, write_report
+    from .analyze_report import format_tables, write_report
 
     weights = None
     if not no_base:
