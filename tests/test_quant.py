@@ -241,6 +241,14 @@ def test_real_gguf_preset_keeps_its_blocks_exactly_as_transformers_dequantizes_t
         assert torch.equal(weight.dequantize(), dense.get_parameter(name)), name
     assert model_bytes(kept) < 0.35 * model_bytes(dense)  # 30 Q4_1 blocks beside the fp32 embedding (113 MB)
     assert "Paris" in answer(kept, tok, "What is the capital of France?")
+    dense_bytes = model_bytes(dense)
+    del dense
+    all_kept, tok = load_model("smollm2-135m-instruct", quantize="gguf", quantize_embeddings=True)
+    table = all_kept.model.embed_tokens.weight
+    assert table.format == "gguf-Q8_0" and all_kept.lm_head.weight is table  # the tied head shares the blocks
+    assert torch.equal(table.dequantize(), kept.model.embed_tokens.weight)  # transformers' dequantized table
+    assert model_bytes(all_kept) < 0.2 * dense_bytes
+    assert "Paris" in answer(all_kept, tok, "What is the capital of France?")
 
 
 def test_cli_trains_on_nf4_and_merges_into_the_dequantized_base(tmp_path):
@@ -251,7 +259,7 @@ def test_cli_trains_on_nf4_and_merges_into_the_dequantized_base(tmp_path):
 
     config = tiny_run_config(tmp_path)
     done = run("train", str(config), "--quantize", "nf4", "--train.lr", "1e-2", "--eval.max_new_tokens", "2")
-    assert done.returncode == 0 and "quantize: nf4: 14 block weights quantized" in done.stderr, done.stderr
+    assert done.returncode == 0 and "quantize: nf4: 14 weights quantized" in done.stderr, done.stderr
     adapter = tmp_path / "run" / "adapter"
     done = run("merge", "--adapter", str(adapter), "--out", str(tmp_path / "merged"), "--quantize", "nf4")
     assert done.returncode == 0 and "nf4 base weights dequantized" in done.stderr, done.stderr
@@ -282,3 +290,105 @@ def test_the_head_is_quantized_only_when_asked_and_never_a_tied_one(ids):
 
     with pytest.raises(ConfigError, match="quantize_head needs quantize: nf4 or int8"):
         load_run_config(None, ["--data.train", "x.jsonl", "--model.quantize_head", "true"])
+
+
+# --- the embedding table, and a head tied to it ---
+
+@pytest.mark.parametrize("make", [NF4Weight, Int8Weight, lambda w: gguf_weight(w, "Q8_0"), NF4Weight])
+def test_rows_dequantizes_exactly_the_rows_asked_for(make):
+    cols = 96 if make is NF4Weight else 128  # 96: NF4 blocks of 64 cross rows, so rows() falls back to the whole
+    w = gaussian((40, cols))
+    weight = make(w)
+    index = torch.tensor([7, 0, 39, 7, 12])
+    for dtype in (None, torch.bfloat16):
+        assert torch.equal(weight.rows(index, dtype), weight.dequantize(dtype)[index])
+
+
+def gguf_weight(w: torch.Tensor, qtype: str) -> GGUFWeight:
+    raw = gguf_quants.quantize(w.numpy(), getattr(__import__("gguf").GGMLQuantizationType, qtype))
+    return GGUFWeight(torch.from_numpy(raw), qtype, w.shape, w.dtype)
+
+
+def tied_tiny_llama() -> nn.Module:
+    model = tiny_llama()
+    model.config.tie_word_embeddings = True  # as SmolLM2 and GPT-2: one table for input and output
+    model.lm_head.weight = model.model.embed_tokens.weight
+    return model
+
+
+@pytest.mark.parametrize("method", ["nf4", "int8"])
+def test_quantized_embeddings_keep_a_tied_head_tied_and_equal_the_dequantized_model(method, ids):
+    from lorafit.quant import QuantEmbedding
+
+    model = tied_tiny_llama()
+    dense_bytes = model_bytes(model)
+    done = quantize_model(model, method, embeddings=True)
+    embed, head = model.model.embed_tokens, model.lm_head
+    assert type(embed) is QuantEmbedding and type(head) is QuantLinear and head.weight is embed.weight
+    assert done["model.embed_tokens"] == method and done["lm_head"].endswith("(tied to model.embed_tokens)")
+    assert model_bytes(model) < 0.4 * dense_bytes  # the shared table counts once
+    reference = tied_tiny_llama()  # dense, holding every dequantized weight
+    with torch.no_grad():
+        for name, weight in quantized_weights(model):
+            reference.get_parameter(name).copy_(weight.dequantize())
+    torch.testing.assert_close(model(ids).logits, reference(ids).logits)
+    untied = tiny_llama()
+    quantize_model(untied, method, embeddings=True)
+    assert type(untied.model.embed_tokens) is QuantEmbedding and type(untied.lm_head) is nn.Linear
+
+
+def test_fast_loss_dequantizes_a_quantized_head(ids):
+    from lorafit.fast import causal_lm_loss, output_layer
+
+    model = tied_tiny_llama()
+    quantize_model(model, "nf4", embeddings=True)
+    lorafit.inject(model, lorafit.LoraConfig(r=2, targets=["q_proj", "v_proj"]))
+    randomize_lora(model)
+    assert output_layer(model) is not None  # the chunked loss, not the model's own forward
+    labels = ids.clone()
+    labels[:, :4] = -100
+    fast = causal_lm_loss(model, {"input_ids": ids, "labels": labels})
+    torch.testing.assert_close(fast, model(input_ids=ids, labels=labels).loss)
+
+
+def test_lora_refuses_a_quantized_embedding_with_a_hint():
+    model = tied_tiny_llama()
+    quantize_model(model, "nf4", embeddings=True)
+    with pytest.raises(lorafit.surgery.TargetError, match="turn quantize_embeddings off"):
+        lorafit.inject(model, lorafit.LoraConfig(r=2, targets=["embed_tokens"]))
+    from lorafit.config import ConfigError
+    from lorafit.runconfig import load_run_config
+
+    with pytest.raises(ConfigError, match="quantize_embeddings needs quantize"):
+        load_run_config(None, ["--data.train", "x.jsonl", "--model.quantize_embeddings", "true"])
+
+
+def test_dequantize_model_gives_plain_modules_and_keeps_ties(ids):
+    from lorafit.quant import dequantize_model
+
+    model = tied_tiny_llama()
+    quantize_model(model, "nf4", embeddings=True)
+    before = model(ids).logits
+    dequantize_model(model)
+    assert not quantized_weights(model) and type(model.model.embed_tokens) is nn.Embedding
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert all(".packed" not in k and ".absmax" not in k for k in model.state_dict())
+    torch.testing.assert_close(model(ids).logits, before)
+
+
+def test_merging_an_adapter_on_some_modules_writes_a_plain_dense_folder(tmp_path, ids):
+    """Modules the adapter does not touch are still quantized after unload; the saved folder holds them dense."""
+    from test_models import tiny_tokenizer
+    from transformers import AutoModelForCausalLM
+
+    from lorafit.models import save_merged
+
+    model = tied_tiny_llama()
+    quantize_model(model, "nf4", embeddings=True)
+    lorafit.inject(model, lorafit.LoraConfig(r=2, targets=["q_proj"]))
+    randomize_lora(model)
+    expected = model(ids).logits
+    save_merged(model, tiny_tokenizer(), tmp_path / "merged")
+    loaded, info = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    torch.testing.assert_close(loaded.eval()(ids).logits, expected, atol=1e-4, rtol=1e-4)

@@ -27,13 +27,14 @@ def test_sweep_runs_cells_resumes_and_records_a_failing_cell(tmp_path):
         "train": {"steps": 2, "batch_size": 4, "precision": "fp32"}, "eval": {"max_new_tokens": 2}}))
     out = tmp_path / "sweep"
     args = ("sweep", str(config), "--grid", "rank", "--grid", "methods", "--grid", "quantize",
-            "--only", "r1,r64,bitfit,nf4",
+            "--only", "r1,r64,bitfit,nf4,nf4-emb-ckpt",
             "--out", str(out), "--train.lr", "1e-2")
     done = lorafit(*args)
     assert done.returncode == 0, done.stderr
     rows = {r["cell"]: r for r in json.loads((out / "sweep.json").read_text())["rows"]}
-    assert set(rows) == {"r1", "r64", "bitfit", "nf4"}
+    assert set(rows) == {"r1", "r64", "bitfit", "nf4", "nf4-emb-ckpt"}
     assert 0 < rows["nf4"]["model_bytes"] < rows["r1"]["model_bytes"]  # the blocks' Linears in 4 bits
+    assert rows["nf4-emb-ckpt"]["model_bytes"] < rows["nf4"]["model_bytes"]  # and the embedding table
     # q_proj (64 -> 64) and v_proj (64 -> 32: 2 kv heads of 16) in each of 2 layers; r * (d_in + d_out) each
     assert rows["r1"]["trainable_params"] == 2 * (1 * (64 + 64) + 1 * (64 + 32))
     assert rows["r64"]["trainable_params"] == 64 * rows["r1"]["trainable_params"]

@@ -121,7 +121,7 @@ def evaluate_adapters(cfg, adapters: list[str], with_base: bool, log: Callable[[
     labels = label_set(train_rows, val_rows) if cfg.model.task == "classification" else None
     def load() -> tuple:  # the base as training loaded it (quantized the same way)
         return load_model(cfg.model.name, task=cfg.model.task, labels=labels, quantize=cfg.model.quantize,
-                          quantize_head=cfg.model.quantize_head)
+                          quantize_head=cfg.model.quantize_head, quantize_embeddings=cfg.model.quantize_embeddings)
 
     model, tokenizer = load()
     rows = val_rows[:cfg.eval.limit]

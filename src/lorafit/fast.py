@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .methods.virtual import virtual_inputs
+from .quant.linear import QuantLinear
 
 PRECISIONS = ("auto", "bf16", "fp32")
 CHUNK = 128  # rows of logits per chunk: 128 x 49,152 fp32 is 24 MiB, under glibc's 32 MiB mmap threshold
@@ -113,7 +114,7 @@ def loss_of(model: nn.Module, batch: dict) -> torch.Tensor:
     return model(**virtual_inputs(model, batch)[0]).loss
 
 
-def output_layer(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
+def output_layer(model: nn.Module) -> tuple[nn.Module, nn.Linear | QuantLinear] | None:
     """(body giving the final hidden states, frozen output Linear) when logits are exactly linear(hidden), else None.
 
     None for models that scale or cap their logits, or whose output layer trains or carries an adapter: their
@@ -122,7 +123,8 @@ def output_layer(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     body = getattr(model, "base_model", None)
     config = getattr(model, "config", None)
-    if type(head) is not nn.Linear or head.weight.requires_grad or body is None or body is model:
+    frozen = isinstance(head, QuantLinear) or (type(head) is nn.Linear and not head.weight.requires_grad)
+    if not frozen or body is None or body is model:  # a QuantLinear is frozen: the loss dequantizes it per call
         return None
     if any(getattr(config, name, None) not in (None, 1, 1.0) for name in _SCALED_LOGITS):
         return None
@@ -147,7 +149,8 @@ def causal_lm_loss(model: nn.Module, batch: dict, chunk: int = CHUNK) -> torch.T
     picked = hidden[:, :-1][keep]  # (N, H): only the positions that carry a label
     if picked.shape[0] == 0:
         raise ValueError("no labelled tokens in the batch: every label is -100 (were answers truncated away?)")
-    return linear_cross_entropy(picked, head.weight, targets[keep], head.bias, chunk)
+    weight = head.weight.dequantize() if isinstance(head, QuantLinear) else head.weight  # (V, H)
+    return linear_cross_entropy(picked, weight, targets[keep], head.bias, chunk)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,

@@ -304,7 +304,7 @@ def _head_kwargs(labels: list[str] | None) -> dict:
 
 def load_model(model: str, task: str = "causal-lm", labels: list[str] | None = None,
                dtype: torch.dtype = torch.float32, quantize: str = "none",
-               quantize_head: bool = False) -> tuple[torch.nn.Module, object]:
+               quantize_head: bool = False, quantize_embeddings: bool = False) -> tuple[torch.nn.Module, object]:
     """(model in eval mode, tokenizer) for a preset name, a model folder, a .gguf file or a hub id.
 
     task "causal-lm" gives AutoModelForCausalLM; "classification" gives AutoModelForSequenceClassification with
@@ -313,7 +313,8 @@ def load_model(model: str, task: str = "causal-lm", labels: list[str] | None = N
     config.pad_token_id is set from the tokenizer (sequence classification needs it to find the last token).
     quantize "nf4" / "int8" / "gguf" stores the blocks' Linear weights quantized (lorafit.quant): "gguf" keeps
     the blocks of the .gguf file the model comes from instead of their dequantized copies; quantize_head also
-    quantizes the output head (nf4 / int8, untied heads only).
+    quantizes an untied output head (nf4 / int8), quantize_embeddings the input embedding table and a head tied
+    to it.
     """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -331,7 +332,7 @@ def load_model(model: str, task: str = "causal-lm", labels: list[str] | None = N
         raise _load_failed(model, where, gguf, "model", err) from err
     net.config.pad_token_id = tokenizer.pad_token_id
     if quantize != "none":
-        _quantize(net, quantize, Path(where) / gguf if gguf else None, quantize_head)
+        _quantize(net, quantize, Path(where) / gguf if gguf else None, quantize_head, quantize_embeddings)
     return net.eval(), tokenizer
 
 
@@ -350,7 +351,7 @@ def _gguf_kwargs(gguf: str) -> dict:
     return {"gguf_file": gguf, "quantization_config": GgufConfig(dequantize=True)}
 
 
-def _quantize(net: torch.nn.Module, method: str, gguf_file: Path | None, head: bool) -> None:
+def _quantize(net: torch.nn.Module, method: str, gguf_file: Path | None, head: bool, embeddings: bool) -> None:
     """lorafit.quant.quantize_model, with its errors as ModelErrors that name the file."""
     from .quant import quantize_model
 
@@ -358,7 +359,7 @@ def _quantize(net: torch.nn.Module, method: str, gguf_file: Path | None, head: b
         raise ModelError("quantize: gguf keeps the blocks of a GGUF file; this model was not loaded from one "
                          "(use nf4 or int8)")
     try:
-        quantize_model(net, method, gguf_file, head=head)
+        quantize_model(net, method, gguf_file, head=head, embeddings=embeddings)
     except ValueError as err:  # GGUFError included: an unsupported file or block type
         raise ModelError(str(err)) from None
 
@@ -380,6 +381,7 @@ def save_merged(model: torch.nn.Module, tokenizer, out: str | Path, overwrite: b
     Any AutoModelForCausalLM / AutoModelForSequenceClassification.from_pretrained(out) loads the result.
     """
     from .merge import unload
+    from .quant import dequantize_model
 
     out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
@@ -387,6 +389,7 @@ def save_merged(model: torch.nn.Module, tokenizer, out: str | Path, overwrite: b
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ModelError(f"{out}: exists and is not empty; pass overwrite=True (--overwrite) to replace it")
     unload(model)
+    dequantize_model(model)  # block weights the adapter did not touch are still quantized: the file holds them dense
     _forget_gguf_origin(model)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))

@@ -28,7 +28,8 @@ class ModelConfig:
     name: str = "smollm2-135m-instruct"  # preset name, local Hugging Face dir, .gguf file, or hub id
     task: str = "causal-lm"  # "causal-lm" (generation) or "classification" (encoder + new head)
     quantize: str = "none"  # frozen block weights: none | nf4 | int8 | gguf (the .gguf file's own blocks)
-    quantize_head: bool = False  # also the output head (nf4 / int8; not a head tied to the embedding)
+    quantize_head: bool = False  # also an untied output head (nf4 / int8)
+    quantize_embeddings: bool = False  # also the input embedding table, and a head tied to it (gguf: token_embd)
 
     def __post_init__(self) -> None:
         if self.task not in ("causal-lm", "classification"):
@@ -37,6 +38,8 @@ class ModelConfig:
             raise ConfigError(f"quantize must be one of {', '.join(QUANTIZE)}, got {self.quantize!r}")
         if self.quantize_head and self.quantize not in ("nf4", "int8"):
             raise ConfigError(f"quantize_head needs quantize: nf4 or int8 (quantize is {self.quantize!r})")
+        if self.quantize_embeddings and self.quantize == "none":
+            raise ConfigError("quantize_embeddings needs quantize: nf4, int8 or gguf (quantize is 'none')")
 
 
 @dataclass

@@ -15,6 +15,7 @@ from torch import nn
 
 from .config import LoraConfig
 from .lora import LoraEmbedding, LoraLayer, LoraLinear
+from .quant.embedding import QuantEmbedding
 from .quant.linear import QuantLinear, QuantWeight
 
 
@@ -86,8 +87,10 @@ def find_targets(model: nn.Module, cfg: LoraConfig) -> list[str]:
         if not hit:
             continue
         if module_kind(module) is None and not isinstance(module, LoraLayer):
+            hint = "; to adapt a quantized table, turn quantize_embeddings off" \
+                if isinstance(module, QuantEmbedding) else ""
             raise TargetError(f"module {name!r} ({type(module).__name__}) matches targets {cfg.targets!r}, "
-                              "but LoRA can only wrap nn.Linear, transformers' Conv1D and nn.Embedding")
+                              f"but LoRA can only wrap nn.Linear, transformers' Conv1D and nn.Embedding{hint}")
         chosen.append(name)
     if not chosen:
         candidates = sorted({n.split(".")[-1] for n, m in _base_modules(model) if module_kind(m) or

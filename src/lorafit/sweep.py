@@ -6,7 +6,8 @@ Grids (Hu et al. 2021 sections 7.1-7.2 and the talks' method comparison):
     budget   one parameter budget spent three ways (the paper's Table 5): r=8 on one matrix, r=4 on two, r=2 on four
     methods  LoRA beside full, freeze, bitfit, adapter, prefix, prompt, mezo and in-context
     quantize LoRA on the base as loaded in fp32 and bf16, and quantized: nf4, int8, the GGUF file's own blocks,
-             and nf4 / gguf with gradient checkpointing (QLoRA's memory, Dettmers et al. 2023)
+             and nf4 / gguf with gradient checkpointing (QLoRA's memory, Dettmers et al. 2023), with the
+             embedding table quantized too (-emb)
 
 Every cell is `lorafit train` in its own process (so each cell's peak memory is its own) writing to
 out/cells/<cell>/. A cell whose results.json exists is not run again: an interrupted sweep resumes where it
@@ -37,6 +38,9 @@ QUANTIZE_CELLS = {
     "nf4": ["--model.quantize", "nf4"], "int8": ["--model.quantize", "int8"], "gguf": ["--model.quantize", "gguf"],
     "nf4-ckpt": ["--model.quantize", "nf4", "--train.checkpointing", "true"],
     "gguf-ckpt": ["--model.quantize", "gguf", "--train.checkpointing", "true"],
+    "nf4-emb-ckpt": ["--model.quantize", "nf4", "--model.quantize_embeddings", "true", "--train.checkpointing", "true"],
+    "gguf-emb-ckpt": ["--model.quantize", "gguf", "--model.quantize_embeddings", "true",
+                      "--train.checkpointing", "true"],
 }
 METHOD_LR = {"full": 5e-5, "freeze": 1e-4, "prefix": 1e-2, "prompt": 3e-2, "mezo": 1e-4}
 # The attention projections by their short names, per naming family (Llama-style decoders, BERT encoders).

@@ -50,9 +50,10 @@ def train(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] = pri
     log(f"precision: {precision}" + (" (frozen base in bf16, LoRA weights and optimizer in fp32)"
                                      if precision == "bf16" else " (exact)"))
     model, tokenizer = load_model(cfg.model.name, task=cfg.model.task, labels=labels, dtype=dtype_for(precision),
-                                  quantize=cfg.model.quantize, quantize_head=cfg.model.quantize_head)
+                                  quantize=cfg.model.quantize, quantize_head=cfg.model.quantize_head,
+                                  quantize_embeddings=cfg.model.quantize_embeddings)
     if cfg.model.quantize != "none":
-        log(f"quantize: {cfg.model.quantize}: {len(quantized_weights(model))} block weights quantized; "
+        log(f"quantize: {cfg.model.quantize}: {len(quantized_weights(model))} weights quantized; "
             f"model weights in memory: {model_bytes(model) / 1e6:,.1f} MB")
     train_set = encode(train_rows, fmt, tokenizer, cfg.data, labels)
     val_set = encode(val_rows, fmt, tokenizer, cfg.data, labels)

@@ -60,6 +60,19 @@ class NF4Weight(QuantWeight):
         dtype = dtype or self.dtype
         return _bnb().dequantize_4bit(self.packed, self._state(dtype)).to(dtype)  # (out, in)
 
+    def rows(self, index: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Only the rows `index`, when each row is whole blocks of 64 (the scales are dequantized for all)."""
+        out, cols = self.shape
+        if cols % NF4_BLOCK:
+            return super().rows(index, dtype)
+        dtype, bnb_f = dtype or self.dtype, _bnb()
+        state = self._state(dtype)
+        absmax = bnb_f.dequantize_blockwise(self.absmax, state.state2) + self.offset  # (blocks,) fp32
+        packed = self.packed.view(out, cols // 2)[index].reshape(-1, 1)  # the rows' bytes, in order
+        row_state = bnb_f.QuantState(absmax=absmax.view(out, -1)[index].reshape(-1), shape=(len(index), cols),
+                                     code=self.code, blocksize=NF4_BLOCK, quant_type="nf4", dtype=dtype)
+        return bnb_f.dequantize_4bit(packed, row_state).to(dtype)  # (len(index), in)
+
 
 class Int8Weight(QuantWeight):
     """A weight in int8 with one absmax per output row: bitsandbytes' int8_vectorwise_quant / _dequant."""
@@ -74,3 +87,6 @@ class Int8Weight(QuantWeight):
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return _bnb().int8_vectorwise_dequant(self.q, self.row_absmax).to(dtype or self.dtype)  # (out, in)
+
+    def rows(self, index: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return _bnb().int8_vectorwise_dequant(self.q[index], self.row_absmax[index]).to(dtype or self.dtype)

@@ -10,7 +10,9 @@ dequantize a whole matrix in a few vectorized operations. Block layouts (ggml's,
     Q4_1: fp16 d, fp16 m, 16 bytes     w = d * q + m
 
 Only Llama-family files are mapped (the tensor names below); transformers' own loader permutes the rows of
-attn_q / attn_k back from llama.cpp's rotary layout, and so do we, row by row, on the blocks.
+attn_q / attn_k back from llama.cpp's rotary layout, and so do we, row by row, on the blocks. The token
+embedding (token_embd, which a tied output head shares) is kept too when asked; its blocks never cross a row,
+so a lookup dequantizes only the rows it reads.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .embedding import input_embedding, swap_embedding
 from .linear import QuantLinear, QuantWeight
 
 BLOCK = 32  # weights per block in every supported type
@@ -75,8 +78,14 @@ class GGUFWeight(QuantWeight):
             self.register_buffer(key, value)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        parts = {key: getattr(self, key) for key in ("d", "m", "q") if hasattr(self, key)}
-        return dequantize_blocks(parts, self.qtype, dtype or self.dtype)  # (out, in)
+        return dequantize_blocks(self._parts(), self.qtype, dtype or self.dtype)  # (out, in)
+
+    def rows(self, index: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        parts = {key: value[index] for key, value in self._parts().items()}  # blocks never cross rows
+        return dequantize_blocks(parts, self.qtype, dtype or self.dtype)  # (len(index), in)
+
+    def _parts(self) -> dict[str, torch.Tensor]:
+        return {key: getattr(self, key) for key in ("d", "m", "q") if hasattr(self, key)}
 
 
 def rotary_rows(rows: int, heads: int) -> torch.Tensor:
@@ -103,8 +112,9 @@ def _raw_rows(tensor, model: nn.Module, module: str) -> torch.Tensor:
     return raw
 
 
-def keep_gguf_blocks(model: nn.Module, path: str | Path) -> dict[str, str]:
-    """Swap the block Linears of a Llama-family model loaded from GGUF `path` for ones holding the file's blocks.
+def keep_gguf_blocks(model: nn.Module, path: str | Path, embeddings: bool = False) -> dict[str, str]:
+    """Swap the block Linears of a Llama-family model loaded from GGUF `path` for ones holding the file's blocks;
+    with embeddings=True the input embedding too (token_embd, and the output head when it is tied to it).
 
     Returns {module name: block type}. Tensors the file stores unquantized stay dense. Raises GGUFError (naming
     the tensor) for an architecture or block type that cannot be kept, before touching the model.
@@ -118,21 +128,36 @@ def keep_gguf_blocks(model: nn.Module, path: str | Path) -> dict[str, str]:
     if arch != "llama":
         raise GGUFError(f"{path}: keeping GGUF blocks supports Llama-family files; this one is {arch!r} "
                         "(use quantize: nf4, or none)")
-    plan = []
-    for tensor in reader.tensors:
-        module = _llama_module(tensor.name)
-        qtype = tensor.tensor_type.name
-        if module is None or qtype in DENSE_TYPES:
-            continue
-        if qtype not in BLOCK_BYTES:
-            raise GGUFError(f"{path}: tensor {tensor.name} is {qtype}; kept blocks support "
-                            f"{', '.join(BLOCK_BYTES)} (use quantize: nf4, or none)")
-        linear = model.get_submodule(module)
-        out_in = tuple(int(n) for n in reversed(tensor.shape))
-        if not isinstance(linear, nn.Linear) or tuple(linear.weight.shape) != out_in:
-            raise GGUFError(f"{path}: tensor {tensor.name} {out_in} does not match {module} of the loaded model")
-        plan.append((module, tensor, qtype, linear))
-    for module, tensor, qtype, linear in plan:
-        weight = GGUFWeight(_raw_rows(tensor, model, module), qtype, linear.weight.shape, linear.weight.dtype)
-        replace_module(model, module, QuantLinear(weight, linear.bias))
-    return {module: qtype for module, _, qtype, _ in plan}
+    embedding = input_embedding(model) if embeddings else None
+    plan = [item for tensor in reader.tensors if (item := _kept(path, tensor, model, embedding)) is not None]
+    if embedding is not None and not any(module == embedding[0] for module, *_ in plan):
+        raise GGUFError(f"{path}: token_embd.weight is not stored in Q4_0/Q4_1/Q8_0 blocks; nothing to keep for "
+                        f"{embedding[0]} (use quantize: nf4 to quantize it, or leave quantize_embeddings off)")
+    done = {}
+    for module, tensor, qtype, dense in plan:
+        rows = _raw_rows(tensor, model, module)
+        weight = GGUFWeight(rows, qtype, dense.weight.shape, dense.weight.dtype)
+        if embedding is not None and module == embedding[0]:
+            done.update(swap_embedding(model, module, dense, weight))
+        else:
+            replace_module(model, module, QuantLinear(weight, dense.bias))
+            done[module] = qtype
+    return done
+
+
+def _kept(path, tensor, model: nn.Module, embedding: tuple[str, nn.Embedding] | None) -> tuple | None:
+    """(module name, tensor, block type, dense module) for a tensor whose blocks are kept, None for one that is
+    not; GGUFError for a block type we cannot keep or a shape that does not match the loaded model."""
+    module = embedding[0] if embedding is not None and tensor.name == "token_embd.weight" else \
+        _llama_module(tensor.name)
+    qtype = tensor.tensor_type.name
+    if module is None or qtype in DENSE_TYPES:
+        return None
+    if qtype not in BLOCK_BYTES:
+        raise GGUFError(f"{path}: tensor {tensor.name} is {qtype}; kept blocks support "
+                        f"{', '.join(BLOCK_BYTES)} (use quantize: nf4, or none)")
+    dense = model.get_submodule(module)
+    out_in = tuple(int(n) for n in reversed(tensor.shape))
+    if not isinstance(dense, (nn.Linear, nn.Embedding)) or tuple(dense.weight.shape) != out_in:
+        raise GGUFError(f"{path}: tensor {tensor.name} {out_in} does not match {module} of the loaded model")
+    return module, tensor, qtype, dense

@@ -28,6 +28,11 @@ class QuantWeight(nn.Module):
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         raise NotImplementedError
 
+    def rows(self, index: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """dequantize(dtype)[index] for a 1-d index; formats whose blocks follow the rows override it to
+        dequantize only the rows asked for (an embedding lookup touches a few hundred of 49,152)."""
+        return self.dequantize(dtype)[index]
+
     @property
     def device(self) -> torch.device:
         return next(self.buffers()).device
