@@ -43,8 +43,10 @@ def test_int8_matches_bitsandbytes_and_keeps_one_scale_per_row():
     assert (int8.dequantize() - w).abs().max() <= w.abs().amax(dim=1).max() / 127
 
 
+@pytest.mark.parametrize("chunk_rows", [4096, 4])  # 4: six rows go as chunks of 4 and 2
 @pytest.mark.parametrize("qtype", sorted(BLOCK_BYTES))
-def test_gguf_blocks_dequantize_exactly_as_the_gguf_package(qtype):
+def test_gguf_blocks_dequantize_exactly_as_the_gguf_package(qtype, chunk_rows, monkeypatch):
+    monkeypatch.setattr("lorafit.quant.gguf.CHUNK_ROWS", chunk_rows)
     rng = np.random.default_rng(0)
     w = rng.standard_normal((6, 128)).astype(np.float32)
     raw = gguf_quants.quantize(w, gguf_quants.GGMLQuantizationType[qtype])  # (6, 4 blocks * bytes)

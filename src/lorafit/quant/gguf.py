@@ -32,6 +32,7 @@ LLAMA_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn
                "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
                "ffn_down": "mlp.down_proj"}
 DENSE_TYPES = ("F32", "F16", "BF16")  # stored unquantized in the file: the module stays dense
+CHUNK_ROWS = 4096  # rows dequantized at a time: fp32 intermediates of 4096 x width x 4 bytes (9 MB at 576)
 
 
 class GGUFError(ValueError):
@@ -52,7 +53,22 @@ def split_blocks(raw: torch.Tensor, qtype: str) -> dict[str, torch.Tensor]:
 
 
 def dequantize_blocks(parts: dict[str, torch.Tensor], qtype: str, dtype: torch.dtype) -> torch.Tensor:
-    """(rows, nb * 32) weights from split_blocks' parts; computed in fp32 (as ggml does), returned in `dtype`."""
+    """(rows, nb * 32) weights from split_blocks' parts; computed in fp32 (as ggml does), returned in `dtype`.
+
+    Large tensors go CHUNK_ROWS rows at a time, so the fp32 intermediates stay small: a 49,152-row embedding
+    table would otherwise need several 113 MB fp32 temporaries beside its 57 MB bf16 result.
+    """
+    rows = parts["q"].shape[0]
+    if rows <= CHUNK_ROWS:
+        return _dequantize_rows(parts, qtype, dtype)
+    out = torch.empty(rows, parts["q"].shape[1] * BLOCK, dtype=dtype, device=parts["q"].device)
+    for start in range(0, rows, CHUNK_ROWS):
+        chunk = {key: value[start:start + CHUNK_ROWS] for key, value in parts.items()}
+        out[start:start + CHUNK_ROWS] = _dequantize_rows(chunk, qtype, dtype)
+    return out
+
+
+def _dequantize_rows(parts: dict[str, torch.Tensor], qtype: str, dtype: torch.dtype) -> torch.Tensor:
     q = parts["q"]
     if qtype != "Q8_0":
         q = torch.cat([q & 0x0F, q >> 4], dim=-1)  # (rows, nb, 32): low nibbles are weights 0-15
