@@ -6,7 +6,15 @@ import torch.nn.functional as F
 from conftest import randomize_lora, tiny_gpt2, tiny_llama
 
 import lorafit
-from lorafit.fast import cast_frozen, causal_lm_loss, linear_cross_entropy, output_layer, prepare, resolve_precision
+from lorafit.fast import (
+    cast_frozen,
+    causal_lm_loss,
+    evaluation,
+    linear_cross_entropy,
+    output_layer,
+    prepare,
+    resolve_precision,
+)
 
 
 def batch(seed: int = 0) -> dict:
@@ -36,6 +44,25 @@ def test_linear_cross_entropy_matches_float64_loss_and_gradient(chunk):
     torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-5, atol=1e-6)
     with torch.no_grad():  # the loss-only branch (evaluation) agrees too
         torch.testing.assert_close(linear_cross_entropy(hidden, weight, targets, bias, chunk), loss)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_cross_entropy_under_bf16_autocast_stays_near_the_float64_loss(bias):
+    """The fast path's setting: bf16 hidden states and head, products in bf16, softmax and loss in fp32."""
+    gen = torch.Generator().manual_seed(1)
+    hidden = torch.randn(37, 64, generator=gen).bfloat16().requires_grad_()
+    weight = torch.randn(300, 64, generator=gen).div(8).bfloat16()
+    b = torch.randn(300, generator=gen).bfloat16() if bias else None
+    targets = torch.randint(0, 300, (37,), generator=gen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = linear_cross_entropy(hidden, weight, targets, b, chunk=16)
+    (grad,) = torch.autograd.grad(loss, hidden)
+    assert loss.dtype == torch.float32 and grad.dtype == torch.bfloat16
+    h64 = hidden.detach().double().requires_grad_()
+    ref = F.cross_entropy(F.linear(h64, weight.double(), None if b is None else b.double()), targets)
+    (ref_grad,) = torch.autograd.grad(ref, h64)
+    torch.testing.assert_close(loss.double(), ref, rtol=2e-2, atol=2e-2)  # bf16 logits: about 3 digits
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=5e-2, atol=2e-3)
 
 
 def test_linear_cross_entropy_refuses_a_trainable_output_layer():
@@ -102,3 +129,23 @@ def test_gradient_checkpointing_gives_the_same_loss_and_lora_gradients():
     torch.testing.assert_close(grads[0][0], grads[1][0])
     for a, b in zip(grads[0][1], grads[1][1]):
         torch.testing.assert_close(a, b)
+
+
+def test_compiled_blocks_give_the_eager_loss_and_gradients_and_keep_the_keys():
+    """train.compile: the same function, compiled (inductor); state-dict keys (and so adapter files) unchanged."""
+    models = []
+    for compile_blocks in (False, True):
+        model = lorafit.inject(tiny_llama(), lorafit.LoraConfig(r=4, targets=["q_proj", "v_proj"]))
+        randomize_lora(model)
+        prepare(model, "fp32", compile_blocks=compile_blocks)
+        models.append(model.train())
+    eager, compiled = models
+    assert compiled.state_dict().keys() == eager.state_dict().keys()
+    losses = [causal_lm_loss(m, batch()) for m in models]
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    params = [[p for p in m.parameters() if p.requires_grad] for m in models]
+    grads = [torch.autograd.grad(loss, ps) for loss, ps in zip(losses, params)]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+    with torch.no_grad(), evaluation("fp32", compiled):  # evaluation runs the blocks eagerly
+        torch.testing.assert_close(compiled(**batch()).logits, eager(**batch()).logits)

@@ -26,7 +26,7 @@ from .adapter_io import LABELS_FILE
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import Example, batches, encode, label_set, load_splits
 from .evaluate import mean_loss, score
-from .fast import autocast, dtype_for, loss_of, prepare, resolve_precision
+from .fast import autocast, dtype_for, evaluation, loss_of, prepare, resolve_precision
 from .files import write_json
 from .memory import PeakWindow
 from .methods.incontext import in_context_score
@@ -61,7 +61,7 @@ def train(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] = pri
     metric = pick_metric(cfg, fmt)
 
     def evaluate() -> dict:
-        with autocast(precision, model):
+        with evaluation(precision, model):
             return score(model, tokenizer, metric, eval_rows, eval_set, fmt, cfg.eval.batch_size,
                          cfg.eval.max_new_tokens, log)
 
@@ -81,7 +81,7 @@ def train(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] = pri
 
     lora_cfg = adapter_config(cfg, model)
     methods.setup(model, cfg.method, lora_cfg)
-    prepare(model, precision, cfg.train.checkpointing)
+    prepare(model, precision, cfg.train.checkpointing, compile_blocks=cfg.train.compile)
     log(f"method: {cfg.method.name}; {lorafit.trainable_report(model)}")
     if cfg.method.name == "mezo":  # forward passes only: no gradients, no optimizer state
         optimizer = MeZO([p for _, p in trainable_parameters(model)], cfg.train.lr, cfg.method.mezo_eps,
@@ -212,7 +212,7 @@ def run_loop(model: nn.Module, optimizer: torch.optim.Optimizer, train_set: list
                      "seconds": state["seconds"] + seconds}
             row = {"step": step + 1, "loss": round(loss, 5), "lr": lr, "tokens_per_s": round(tokens / seconds, 1)}
             if (t.eval_every and (step + 1) % t.eval_every == 0) or step + 1 == t.steps:
-                with autocast(t.precision, model):
+                with evaluation(t.precision, model):
                     row["eval_loss"] = round(mean_loss(model, val_set, cfg.eval.batch_size, pad_id), 5)
             metrics.write(row, log if (step + 1) % t.log_every == 0 or "eval_loss" in row else None)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")

@@ -11,9 +11,10 @@ Setups (the peer's rows are the ones it documents as its best and its default):
   peft-best     PEFT on a bf16 base, fp32 LoRA weights, bf16 autocast, transformers' loss
   peft-fp32     PEFT, everything fp32
   full-fp32     full fine-tuning, fp32, no LoRA
-and on request (--setups): lorafit-fast-ckpt, the fast path with gradient checkpointing; lorafit-nf4, the fast
-path on a base whose block weights are NF4 (QLoRA); lorafit-gguf, the fast path on the GGUF file's own blocks
-(needs --model to be a .gguf file or a GGUF preset).
+and on request (--setups): lorafit-compile, the fast path with every block compiled (train.compile; the compile
+falls in the untimed warm-up steps); lorafit-fast-ckpt, the fast path with gradient checkpointing; lorafit-nf4,
+the fast path on a base whose block weights are NF4 (QLoRA); lorafit-gguf, the fast path on the GGUF file's own
+blocks (needs --model to be a .gguf file or a GGUF preset).
 
 Peak RSS is the peak during the steps (the window opens after the model is loaded): loading a GGUF file
 dequantizes it whole before its blocks are kept, and that transient is not what training needs.
@@ -36,7 +37,7 @@ from ..quant import release_freed_memory
 from .common import EXAMPLE_DATA, forward_flops, machine, markdown, matmul_peak, median, text_batches
 
 SETUPS = ("lorafit-fast", "lorafit-fp32", "peft-best", "peft-fp32", "full-fp32")
-EXTRA_SETUPS = ("lorafit-fast-ckpt", "lorafit-nf4", "lorafit-gguf")  # on request: checkpointing, QLoRA bases
+EXTRA_SETUPS = ("lorafit-compile", "lorafit-fast-ckpt", "lorafit-nf4", "lorafit-gguf")  # on request
 
 
 @dataclass
@@ -183,7 +184,8 @@ def build_step(name: str, cfg: TrainBench, folder: str):
     if name == "lorafit-nf4":
         quantize_model(model, "nf4")
     if name.startswith("lorafit"):
-        return _lorafit_step(model, cfg, "bf16" if bf16 else "fp32", checkpointing=name.endswith("-ckpt"))
+        return _lorafit_step(model, cfg, "bf16" if bf16 else "fp32", checkpointing=name.endswith("-ckpt"),
+                             compile_blocks=name == "lorafit-compile")
     if name.startswith("peft"):
         import peft
 
@@ -208,7 +210,7 @@ def build_step(name: str, cfg: TrainBench, folder: str):
     return step
 
 
-def _lorafit_step(model, cfg: TrainBench, precision: str, checkpointing: bool):
+def _lorafit_step(model, cfg: TrainBench, precision: str, checkpointing: bool, compile_blocks: bool = False):
     import lorafit
 
     from ..fast import prepare
@@ -216,7 +218,7 @@ def _lorafit_step(model, cfg: TrainBench, precision: str, checkpointing: bool):
     from ..train import train_step
 
     lorafit.inject(model, lorafit.LoraConfig(r=cfg.r, alpha=2 * cfg.r, targets=list(cfg.targets)))
-    prepare(model, precision, checkpointing)
+    prepare(model, precision, checkpointing, compile_blocks)
     optimizer = make_optimizer(model, lr=1e-4, weight_decay=0.0)
 
     def step(batch: dict) -> tuple[float, float]:
@@ -229,7 +231,7 @@ def _lorafit_step(model, cfg: TrainBench, precision: str, checkpointing: bool):
 
 def _bf16(name: str) -> bool:
     """Whether the setup runs the bf16 path (and is measured against the bf16 matmul peak)."""
-    return name.startswith(("lorafit-fast", "peft-best", "lorafit-nf4", "lorafit-gguf"))
+    return name.startswith(("lorafit-fast", "lorafit-compile", "peft-best", "lorafit-nf4", "lorafit-gguf"))
 
 
 def worker(name: str, cfg_json: str, folder: str, batches_path: str) -> None:
