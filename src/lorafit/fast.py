@@ -96,7 +96,7 @@ def prepare(model: nn.Module, precision: str, checkpointing: bool = False, compi
     uses, the backward of PyTorch's CPU flash-attention kernel is slower than plain matrix products.
     `checkpointing` keeps only each block's input for backward and recomputes the rest (transformers' own
     gradient checkpointing, non-reentrant, which works with a frozen embedding). `compile_blocks` compiles each
-    transformer block in place (see `compile_blocks`).
+    transformer block in place (see `compile_model_blocks`).
     """
     if checkpointing:
         if not getattr(model, "supports_gradient_checkpointing", False):
@@ -197,9 +197,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
 def _loss_and_grad(hidden, weight, targets, bias, chunk: int, want_grad: bool):
     """(mean loss, d mean loss / d hidden or None), one chunk of rows at a time.
 
-    The chunk's logits live in two buffers made once per call and overwritten in place: on CPU a fresh 25 MB
-    tensor per operation costs its page faults every time (measured: a new-tensor subtraction over 128 x 49,152
-    took 26 ms, the in-place exp 1.5 ms).
+    The chunk's logits live in two buffers made once per call and overwritten in place, instead of a fresh
+    25 MB tensor per operation (measured on an AMX CPU over 1,024 tokens and SmolLM2's 49,152-token vocabulary:
+    the loss and its gradient took 0.33 s that way, 0.23 s this way).
     """
     n, dtype = hidden.shape[0], compute_dtype(hidden)  # the products run in autocast's dtype when it is on
     w = weight.to(dtype)  # (V, H); no copy when it has that dtype already

@@ -66,7 +66,8 @@ def train(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] = pri
                          cfg.eval.max_new_tokens, log)
 
     report = {"model": cfg.model.name, "method": cfg.method.name, "precision": precision, "format": fmt,
-              "quantize": cfg.model.quantize, "model_bytes": model_bytes(model),
+              "quantize": cfg.model.quantize, "quantize_embeddings": cfg.model.quantize_embeddings,
+              "compile": cfg.train.compile, "model_bytes": model_bytes(model),
               "metric": metric, "labels": labels, "train_rows": len(train_rows), "val_rows": len(eval_rows)}
     if cfg.eval.compare_base and not resume:
         log("scoring the base model ...")
