@@ -118,3 +118,16 @@ def test_latency_run_times_every_model_at_every_setting_and_quotes_the_lecture(t
     assert "| adapter | " in latency.format_table(result)
     assert [line for line in latency.format_table(result).splitlines() if "| adapter |" in line][0].endswith(
         "| Adapter^H +30.3% (^L +20.7%) |")
+
+
+def test_latency_run_writes_json_markdown_and_png(tmp_path):
+    net = tmp_path / "model"
+    saved_tiny_model(net)
+    cfg = LatencyBench(model=str(net), settings=[(2, 6), (1, 4)], targets=["q_proj"], warmup=1, repeats=2,
+                       out=str(tmp_path / "latency"))
+    result = latency.run(cfg, log=lambda _: None)
+    out = tmp_path / "latency"
+    assert json.loads((out / "latency.json").read_text()) == json.loads(json.dumps(result))
+    assert [(r["setting"], r["name"]) for r in result["rows"]] == [(s, n) for s in ("2x6", "1x4") for n in latency.ROWS]
+    assert "| 2 × 6 | lora-merged |" in (out / "latency.md").read_text()
+    assert (out / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

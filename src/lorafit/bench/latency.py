@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..files import write_json, write_text
+from ..files import atomic_write, write_json, write_text
 from .common import machine, markdown, median
 
 ROWS = ("base", "adapter", "lora-unmerged", "lora-merged")
@@ -46,6 +46,7 @@ LECTURE_COLUMN = {  # measured row -> what the lecture reports for it, per lectu
     "adapter": ["Adapter^H +3.0% (^L +2.2%)", "Adapter^H +8.4% (^L +5.0%)", "Adapter^H +30.3% (^L +20.7%)"],
     "lora-merged": ["+0% (= Fine-Tune)"] * 3,
 }
+LECTURE_ADAPTER_PCT = [3.0, 8.4, 30.3]  # Adapter^H's overhead per lecture setting, for the plot
 
 
 @dataclass
@@ -191,7 +192,7 @@ def measure(cfg: LatencyBench, nets: dict[str, nn.Module], log=print) -> list[di
 
 
 def run(cfg: LatencyBench, log=print) -> dict:
-    """Time every model at every setting; write latency.json and latency.md to cfg.out; return the result."""
+    """Time every model at every setting; write latency.json, latency.md and latency.png to cfg.out."""
     planned(cfg)  # a bad shrink fails before the models load
     previous = torch.get_num_threads()
     if cfg.threads:
@@ -210,6 +211,7 @@ def run(cfg: LatencyBench, log=print) -> dict:
     out = Path(cfg.out)
     write_json(out / "latency.json", result)
     write_text(out / "latency.md", format_table(result))
+    plot(result, out / "latency.png")
     log(f"merged and unmerged logits differ by at most {gaps['merged_vs_unmerged_max_abs_logit']:.2e}")
     return result
 
@@ -246,3 +248,31 @@ def format_table(result: dict) -> str:
               f"torch {m['torch']}.\n\n"
             + "The lecture's table (LoRA paper Table 1: GPT-2 medium, ms per forward pass, mean of 100 trials, "
               "NVIDIA Quadro RTX8000):\n\n" + lecture + "\n")
+
+
+def plot(result: dict, png: Path) -> None:
+    """Overhead vs the base in % per setting: one bar per model, the lecture's Adapter^H figure as a marker."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings = list(dict.fromkeys(row["setting"] for row in result["rows"]))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, name in enumerate(ROWS[1:]):
+        pct = [next(r["overhead_pct"] for r in result["rows"] if r["setting"] == s and r["name"] == name)
+               for s in settings]
+        ax.bar([x + (i - 1) * 0.27 for x in range(len(settings))], pct, width=0.27, label=name)
+    asked = [next(r["asked"] for r in result["rows"] if r["setting"] == s) for s in settings]
+    lecture = [(x - 0.27, LECTURE_ADAPTER_PCT[LECTURE_SETTINGS.index(tuple(int(v) for v in a.split("x")))])
+               for x, a in enumerate(asked) if tuple(int(v) for v in a.split("x")) in LECTURE_SETTINGS]
+    if lecture:
+        ax.plot(*zip(*lecture), "k_", markersize=18, markeredgewidth=2, label="lecture: Adapter^H (GPU)")
+    ax.axhline(0, color="grey", linewidth=0.8)
+    ax.set_xticks(range(len(settings)), [f"{s}\n(of {a})" if s != a else s for s, a in zip(settings, asked)])
+    ax.set(ylabel="forward latency vs base (%)", title=f"{result['config']['model']}, {result['config']['precision']}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_write(png, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+
