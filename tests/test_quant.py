@@ -296,9 +296,13 @@ def test_the_head_is_quantized_only_when_asked_and_never_a_tied_one(ids):
 
 # --- the embedding table, and a head tied to it ---
 
-@pytest.mark.parametrize("make", [NF4Weight, Int8Weight, lambda w: gguf_weight(w, "Q8_0"), NF4Weight])
-def test_rows_dequantizes_exactly_the_rows_asked_for(make):
-    cols = 96 if make is NF4Weight else 128  # 96: NF4 blocks of 64 cross rows, so rows() falls back to the whole
+@pytest.mark.parametrize(("make", "cols"), [
+    (NF4Weight, 128),  # whole blocks of 64 per row: only the rows asked for are dequantized
+    (NF4Weight, 96),  # blocks cross rows: rows() falls back to dequantizing the whole weight
+    (Int8Weight, 128),
+    (lambda w: gguf_weight(w, "Q8_0"), 128),
+])
+def test_rows_dequantizes_exactly_the_rows_asked_for(make, cols):
     w = gaussian((40, cols))
     weight = make(w)
     index = torch.tensor([7, 0, 39, 7, 12])
