@@ -14,6 +14,7 @@ from lorafit.fast import (
     output_layer,
     prepare,
     resolve_precision,
+    training,
 )
 
 
@@ -141,7 +142,10 @@ def test_compiled_blocks_give_the_eager_loss_and_gradients_and_keep_the_keys():
         models.append(model.train())
     eager, compiled = models
     assert compiled.state_dict().keys() == eager.state_dict().keys()
-    losses = [causal_lm_loss(m, batch()) for m in models]
+    losses = []
+    for m in models:
+        with training("fp32", m):  # compiled under the activation budget: some activations are recomputed
+            losses.append(causal_lm_loss(m, batch()))
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
     params = [[p for p in m.parameters() if p.requires_grad] for m in models]
     grads = [torch.autograd.grad(loss, ps) for loss, ps in zip(losses, params)]

@@ -29,6 +29,7 @@ from .methods.virtual import virtual_inputs
 from .quant.linear import QuantLinear, compute_dtype
 
 PRECISIONS = ("auto", "bf16", "fp32")
+ACTIVATION_BUDGET = 0.7  # share of its activations a compiled block keeps for backward; it recomputes the rest
 CHUNK = 128  # rows of logits per chunk: 128 x 49,152 fp32 is 24 MiB, under glibc's 32 MiB mmap threshold
 _SCALED_LOGITS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
@@ -79,6 +80,20 @@ def autocast(precision: str, model: nn.Module):
     """
     device = next(model.parameters()).device.type
     return torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+@contextlib.contextmanager
+def training(precision: str, model: nn.Module):
+    """autocast(precision, model) for a training forward pass. Blocks compiled in it keep ACTIVATION_BUDGET of
+    their activations for backward and recompute the cheapest rest (the compiler's activation memory budget).
+
+    Measured on SmolLM2-135M, batch 8 x 128, on an AMX CPU: peak RSS 1,430 -> 1,220 MB at an unchanged step time
+    (0.86 s and 0.85 s, interleaved); 0.5 saved no more. Eager blocks ignore it.
+    """
+    import torch._functorch.config as functorch_config  # the budget is read when a block is compiled
+
+    with functorch_config.patch(activation_memory_budget=ACTIVATION_BUDGET), autocast(precision, model):
+        yield
 
 
 @contextlib.contextmanager

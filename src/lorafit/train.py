@@ -26,7 +26,7 @@ from .adapter_io import LABELS_FILE
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import Example, batches, encode, label_set, load_splits
 from .evaluate import mean_loss, score
-from .fast import autocast, dtype_for, evaluation, loss_of, prepare, resolve_precision
+from .fast import autocast, dtype_for, evaluation, loss_of, prepare, resolve_precision, training
 from .files import write_json
 from .memory import PeakWindow
 from .methods.incontext import in_context_score
@@ -163,7 +163,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, parts: list[d
         return optimizer.step(closure).item(), tokens
     total = 0.0
     for batch in parts:
-        with autocast(precision, model):
+        with training(precision, model):
             loss = loss_of(model, batch) / len(parts)
         loss.backward()
         total += loss.item()
