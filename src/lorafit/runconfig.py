@@ -217,5 +217,7 @@ def load_run_config(path: str | os.PathLike | None, overrides: list[str] | None 
             message = "unknown key"
         elif first["type"] in ("missing_argument", "missing"):
             message = "required key is missing"
+        elif first["type"].endswith("_type") and isinstance(first.get("input"), dict):  # --out.dir x: out is a path
+            message = f"takes a value, not keys under it (--{where} VALUE)"
         more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
         raise ConfigError(f"{source}: {where}: {message}{more}") from None
