@@ -13,6 +13,7 @@ from lorafit.fast import (
     linear_cross_entropy,
     output_layer,
     prepare,
+    resolve_device,
     resolve_precision,
     training,
 )
@@ -114,6 +115,14 @@ def test_precision_names():
     assert resolve_precision("fp32") == "fp32" and resolve_precision("auto") in ("bf16", "fp32")
     with pytest.raises(ValueError, match="precision must be one of auto, bf16, fp32"):
         resolve_precision("fp16")
+
+
+def test_device_names():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="'cuda': this torch sees no CUDA device"):
+            resolve_device("cuda")
 
 
 def test_gradient_checkpointing_gives_the_same_loss_and_lora_gradients():

@@ -32,6 +32,7 @@ def test_file_plus_overrides_and_relative_data_path(tmp_path):
     ("data:\n  train: t.jsonl\n", ["--trian.lr", "1"], r"trian: unknown key"),
     ("model:\n  name: x\n", [], r"data: required key is missing"),
     ("data:\n  train: t.jsonl\n", ["--train.steps"], r"--train.steps has no value"),
+    ("data:\n  train: t.jsonl\n", ["--train.device", "tpu"], r"train: device must be auto, cpu, cuda or cuda:N"),
     ("data:\n  train: t.jsonl\n", ["--out.dir", "x"], r"out: takes a value, not keys under it \(--out VALUE\)"),
     ("data: [1, 2\n", [], r"not valid YAML"),
     ("data:\n  train: t.jsonl\nmodel:\n  task: regression\n", [], r"model: task must be"),

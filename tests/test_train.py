@@ -44,6 +44,7 @@ def test_run_learns_and_writes_adapter_metrics_and_plot(setup, precision):
     cfg = config(tmp_path, model, tmp_path / "run", "--train.steps", "12", "--train.precision", precision)
     report = train(cfg, log=lambda _: None)
     assert report["precision"] == precision
+    assert report["device"] == ("cuda" if torch.cuda.is_available() else "cpu")  # train.device auto
     out = tmp_path / "run"
     assert report["tuned"]["loss"] < report["base"]["loss"]
     assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "loss.png").is_file()

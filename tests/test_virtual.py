@@ -297,3 +297,17 @@ def test_unsupported_models_and_options_are_refused_with_the_reason():
         add_virtual_tokens(tiny_llama(), "suffix")
     with pytest.raises(MethodError, match="positive integer"):
         add_virtual_tokens(tiny_llama(), "prompt", n=0)
+
+
+def test_batches_follow_the_model_to_its_device():
+    """Batches are built on the CPU; virtual_inputs hands them to the model on the model's device (here "meta",
+    which needs no GPU), and leaves values that are not tensors alone."""
+    model = tiny_llama().to("meta")
+    ids = torch.tensor([[1, 2, 3]])
+    inputs, drop = virtual_inputs(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "use_cache": False})
+    assert drop == 0 and inputs["use_cache"] is False
+    assert inputs["input_ids"].device.type == "meta" and inputs["attention_mask"].device.type == "meta"
+    model = tiny_llama()
+    add_virtual_tokens(model, "prompt", n=N)
+    inputs, drop = virtual_inputs(model.to("meta"), {"input_ids": ids})
+    assert drop == N and inputs["inputs_embeds"].device.type == "meta"

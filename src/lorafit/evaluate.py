@@ -39,7 +39,7 @@ def accuracy(model: nn.Module, examples: list[Example], batch_size: int, pad_id:
         batch = collate(chunk, pad_id)
         inputs, _ = virtual_inputs(model, {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]})
         logits = model(**inputs).logits  # (B, C)
-        right += (logits.argmax(-1) == batch["labels"]).sum().item()
+        right += (logits.argmax(-1).cpu() == batch["labels"]).sum().item()
     return 100.0 * right / max(1, len(examples))
 
 

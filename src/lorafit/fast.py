@@ -34,9 +34,20 @@ CHUNK = 128  # rows of logits per chunk: 128 x 49,152 fp32 is 24 MiB, under glib
 _SCALED_LOGITS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
-def bf16_supported() -> bool:
-    """True when this machine multiplies bf16 matrices natively (CUDA, or a CPU with AVX512-BF16 or AMX)."""
-    if torch.cuda.is_available():
+def resolve_device(requested: str) -> torch.device:
+    """"auto" -> the GPU where CUDA has one, else the CPU; "cpu", "cuda" and "cuda:N" are taken as asked."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(requested)  # raises on a name torch does not know
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {requested!r}: this torch sees no CUDA device (torch.cuda.is_available() is "
+                         "False); use device cpu or auto")
+    return device
+
+
+def bf16_supported(device: torch.device | str = "cpu") -> bool:
+    """True when `device` multiplies bf16 matrices natively (a CUDA GPU that does, or a CPU with AVX512-BF16 or AMX)."""
+    if torch.device(device).type == "cuda":
         return torch.cuda.is_bf16_supported()
     try:
         flags = Path("/proc/cpuinfo").read_text()
@@ -45,12 +56,12 @@ def bf16_supported() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def resolve_precision(requested: str) -> str:
-    """"auto" -> "bf16" where the hardware supports it, else "fp32"; "bf16" and "fp32" are taken as asked."""
+def resolve_precision(requested: str, device: torch.device | str = "cpu") -> str:
+    """"auto" -> "bf16" where `device` supports it, else "fp32"; "bf16" and "fp32" are taken as asked."""
     if requested not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {requested!r}")
     if requested == "auto":
-        return "bf16" if bf16_supported() else "fp32"
+        return "bf16" if bf16_supported(device) else "fp32"
     return requested
 
 

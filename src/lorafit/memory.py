@@ -10,6 +10,8 @@ from __future__ import annotations
 import resource
 from pathlib import Path
 
+import torch
+
 
 def reset_peak() -> bool:
     """Start a new peak-RSS window; False when the OS does not allow it (the lifetime peak will be reported)."""
@@ -32,11 +34,15 @@ def peak_rss_mb() -> float:
 
 
 class PeakWindow:
-    """`with PeakWindow() as peak: ...` then `peak.mb`: the peak RSS inside the block (or lifetime, see .scoped)."""
+    """`with PeakWindow() as peak: ...` then `peak.mb`: the peak RSS inside the block (or lifetime, see .scoped),
+    and `peak.gpu_mb`: the peak of memory allocated on the current CUDA device (None without CUDA)."""
 
     def __enter__(self):
         self.scoped = reset_peak()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
         return self
 
     def __exit__(self, *exc):
         self.mb = round(peak_rss_mb(), 1)
+        self.gpu_mb = round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None

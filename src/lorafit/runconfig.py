@@ -6,6 +6,7 @@ Validated once, here, with pydantic over the plain dataclasses; the rest of the 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -63,6 +64,7 @@ class TrainConfig:
     precision: str = "auto"  # "bf16": frozen base in bf16, LoRA in fp32; "fp32": exact; "auto": bf16 where fast
     checkpointing: bool = False  # recompute each block's activations during backward: less memory, ~1/3 more work
     compile: bool = False  # torch.compile each transformer block: a compile of ~40 s first, then faster steps
+    device: str = "auto"  # "cpu", "cuda" / "cuda:N", or "auto": the GPU where CUDA has one, else the CPU
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "log_every"):
@@ -73,6 +75,8 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", self.device):
+            raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"need lr > 0 and 0 <= min_lr_ratio <= 1, got lr={self.lr}, "
                               f"min_lr_ratio={self.min_lr_ratio}")

@@ -26,7 +26,7 @@ from .adapter_io import LABELS_FILE
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import Example, batches, encode, label_set, load_splits
 from .evaluate import mean_loss, score
-from .fast import autocast, dtype_for, evaluation, loss_of, prepare, resolve_precision, training
+from .fast import autocast, dtype_for, evaluation, loss_of, prepare, resolve_device, resolve_precision, training
 from .files import write_json
 from .memory import PeakWindow
 from .methods.incontext import in_context_score
@@ -45,13 +45,15 @@ def train(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] = pri
     torch.manual_seed(cfg.train.seed)
     train_rows, val_rows, fmt = load_splits(cfg.data, seed=cfg.train.seed, log=log)
     labels = label_set(train_rows, val_rows) if cfg.model.task == "classification" else None
-    precision = resolve_precision(cfg.train.precision)
+    device = resolve_device(cfg.train.device)
+    precision = resolve_precision(cfg.train.precision, device)
     cfg = replace(cfg, train=replace(cfg.train, precision=precision))  # from here on: "bf16" or "fp32"
-    log(f"precision: {precision}" + (" (frozen base in bf16, LoRA weights and optimizer in fp32)"
-                                     if precision == "bf16" else " (exact)"))
+    log(f"device: {device}; precision: {precision}" + (" (frozen base in bf16, LoRA weights and optimizer in fp32)"
+                                                       if precision == "bf16" else " (exact)"))
     model, tokenizer = load_model(cfg.model.name, task=cfg.model.task, labels=labels, dtype=dtype_for(precision),
                                   quantize=cfg.model.quantize, quantize_head=cfg.model.quantize_head,
                                   quantize_embeddings=cfg.model.quantize_embeddings)
+    model.to(device)  # loaded (and quantized) on the CPU; adapters are made on the weights' device
     if cfg.model.quantize != "none":
         log(f"quantize: {cfg.model.quantize}: {len(quantized_weights(model))} weights quantized; "
             f"model weights in memory: {model_bytes(model) / 1e6:,.1f} MB")
@@ -65,8 +67,8 @@ def train(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] = pri
             return score(model, tokenizer, metric, eval_rows, eval_set, fmt, cfg.eval.batch_size,
                          cfg.eval.max_new_tokens, log)
 
-    report = {"model": cfg.model.name, "method": cfg.method.name, "precision": precision, "format": fmt,
-              "quantize": cfg.model.quantize, "quantize_embeddings": cfg.model.quantize_embeddings,
+    report = {"model": cfg.model.name, "method": cfg.method.name, "device": str(device), "precision": precision,
+              "format": fmt, "quantize": cfg.model.quantize, "quantize_embeddings": cfg.model.quantize_embeddings,
               "compile": cfg.train.compile, "model_bytes": model_bytes(model),
               "metric": metric, "labels": labels, "train_rows": len(train_rows), "val_rows": len(eval_rows)}
     if cfg.eval.compare_base and not resume:
@@ -100,7 +102,7 @@ def train(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] = pri
         write_json(out / "adapter" / LABELS_FILE, labels)
     log(f"adapter saved to {info['path']} ({info['file_bytes']:,} bytes)")
     report.update(steps=state["step"], train_seconds=round(state["seconds"], 1), adapter=info,
-                  trainable=lorafit.trainable_report(model), peak_rss_mb_train=peak.mb,
+                  trainable=lorafit.trainable_report(model), peak_rss_mb_train=peak.mb, peak_gpu_mb_train=peak.gpu_mb,
                   trainable_params=sum(p.numel() for _, p in trainable_parameters(model)))
     with PeakWindow() as peak:
         report["tuned"] = evaluate()

@@ -9,8 +9,8 @@ prefix  n trainable keys and values go in front of every attention layer's own k
         in training and in generation alike).
 
 Both live in one child module, `model.lorafit_virtual`; the base state-dict keys do not change. Every place a
-batch meets the model (training loss, evaluation, generation) passes it through `virtual_inputs`, which is a
-no-op for a model without virtual tokens.
+batch meets the model (training loss, evaluation, generation) passes it through `virtual_inputs`, which moves it
+to the model's device and is otherwise a no-op for a model without virtual tokens.
 
 Initialisation (init="vocab", the default): prompt vectors are copies of the embeddings of n random vocabulary
 tokens, Lester et al.'s better-performing init (§3.2, "sampled vocab"); prefix keys/values are the ones the
@@ -174,6 +174,12 @@ def _checkpointing(model: nn.Module) -> bool:
     return bool(getattr(model, name, False))
 
 
+def on_device(model: nn.Module, batch: dict) -> dict:
+    """`batch` with its tensors on the model's device (batches are built on the CPU; no copy when they match)."""
+    device = next(model.parameters()).device
+    return {key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}
+
+
 def virtual_inputs(model: nn.Module, batch: dict) -> tuple[dict, int]:
     """(model kwargs, drop) for `batch` (input_ids, attention_mask, optional labels / token_type_ids /
     position_ids): the virtual tokens put in; `drop` = the leading output positions that are virtual (n for
@@ -183,6 +189,7 @@ def virtual_inputs(model: nn.Module, batch: dict) -> tuple[dict, int]:
     virtual position predicts the first real token, as in the model's own loss); class labels are unchanged.
     prefix: input_ids stay; the cache argument = a fresh cache holding the prefix; the mask gets n ones in front.
     """
+    batch = on_device(model, batch)
     virtual = virtual_tokens_of(model)
     if virtual is None:
         return batch, 0
