@@ -51,6 +51,18 @@ def test_bench_train_runs_every_setup_in_its_own_worker_and_writes_bench_json(tm
     # Same batches, same starting point: one optimizer step apart at most, every setup sees a similar loss.
     assert max(losses.values()) - min(losses.values()) < 0.5
     assert "| lorafit-fast |" in format_table(saved)
+    assert all(row["peak_gpu_mb"] is None for row in saved["rows"]) and "GPU" not in format_table(saved)
+    on_gpu = {**saved, "config": {**saved["config"], "device": "cuda"}, "machine": {**saved["machine"], "gpu": "H1"},
+              "rows": [{**row, "peak_gpu_mb": 1234} for row in saved["rows"]]}
+    table = format_table(on_gpu)  # how a GPU run reports: its peak memory column and the device it ran on
+    assert "| peak GPU MB |" in table and "| 1,234 |" in table and "device cuda (H1)" in table
+
+
+def test_bench_train_refuses_a_device_this_machine_lacks():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    with pytest.raises(ValueError, match="sees no CUDA device"):
+        TrainBench(device="cuda")
 
 
 def test_latency_settings_parse_and_shrink_divides_batch_sizes_only():

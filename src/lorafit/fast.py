@@ -118,8 +118,9 @@ def evaluation(precision: str, model: nn.Module):
 def prepare(model: nn.Module, precision: str, checkpointing: bool = False, compile_blocks: bool = False) -> None:
     """Set up a model (frozen base already loaded in dtype_for(precision), adapters injected) for training.
 
-    Trainable parameters go to fp32. With bf16, attention runs eagerly: at the sequence lengths fine-tuning
-    uses, the backward of PyTorch's CPU flash-attention kernel is slower than plain matrix products.
+    Trainable parameters go to fp32. With bf16 on a CPU, attention runs eagerly: at the sequence lengths
+    fine-tuning uses, the backward of PyTorch's CPU flash-attention kernel is slower than plain matrix products
+    (a GPU keeps the model's own attention).
     `checkpointing` keeps only each block's input for backward and recomputes the rest (transformers' own
     gradient checkpointing, non-reentrant, which works with a frozen embedding). `compile_blocks` compiles each
     transformer block in place (see `compile_model_blocks`).
@@ -134,7 +135,8 @@ def prepare(model: nn.Module, precision: str, checkpointing: bool = False, compi
     for param in model.parameters():
         if param.requires_grad and param.is_floating_point() and param.dtype != torch.float32:
             param.data = param.data.float()
-    if precision == "bf16" and hasattr(model, "set_attn_implementation"):
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    if precision == "bf16" and on_cpu and hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation("eager")
     if compile_blocks:
         compile_model_blocks(model)

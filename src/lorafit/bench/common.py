@@ -36,13 +36,16 @@ def matmul_peak(dtype: torch.dtype, device: str = "cpu", size: int = 2048, repea
     """Best GFLOP/s of a square matrix product in `dtype` on this machine (a ceiling for the model's matmuls)."""
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)
+    gpu = torch.device(device).type == "cuda"
     a @ b  # warm-up: thread pool, kernels
     best = float("inf")
     for _ in range(repeats):
+        if gpu:
+            torch.cuda.synchronize(device)
         started = time.perf_counter()
         a @ b
-        if device == "cuda":
-            torch.cuda.synchronize()
+        if gpu:
+            torch.cuda.synchronize(device)
         best = min(best, time.perf_counter() - started)
     return 2 * size**3 / best / 1e9
 

@@ -16,6 +16,10 @@ falls in the untimed warm-up steps); lorafit-fast-ckpt, the fast path with gradi
 the fast path on a base whose block weights are NF4 (QLoRA); lorafit-gguf, the fast path on the GGUF file's own
 blocks (needs --model to be a .gguf file or a GGUF preset).
 
+`--device cuda` runs every setup on the GPU instead (CUDA autocast for the bf16 rows; each step's time waits for
+the GPU to finish, and rows add the GPU's peak of allocated memory). The CPU is the default: the speed goals
+are set for it.
+
 Peak RSS is the peak during the steps (the window opens after the model is loaded): loading a GGUF file
 dequantizes it whole before its blocks are kept, and that transient is not what training needs.
 """
@@ -31,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from ..fast import resolve_device
 from ..files import write_json, write_text
 from ..memory import peak_rss_mb, reset_peak
 from ..quant import release_freed_memory
@@ -53,11 +58,13 @@ class TrainBench:
     threads: int = 0  # torch threads per worker (0: torch's default)
     setups: list[str] = field(default_factory=lambda: list(SETUPS))
     out: str = "runs/bench-train"
+    device: str = "cpu"  # "cuda" / "cuda:N": every setup on the GPU, with CUDA autocast for the bf16 rows
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.setups) - set(SETUPS) - set(EXTRA_SETUPS))
         if unknown or not self.setups:
             raise ValueError(f"unknown setup(s) {unknown}; choose from {', '.join(SETUPS + EXTRA_SETUPS)}")
+        resolve_device(self.device)  # a clear error for a device this machine does not have
         if min(self.batch_size, self.seq_len, self.r, self.steps) < 1 or self.warmup < 0:
             raise ValueError("batch_size, seq_len, r and steps must be >= 1, warmup >= 0")
 
@@ -78,7 +85,7 @@ def run(cfg: TrainBench, log=print) -> dict:
         tokenizer = AutoTokenizer.from_pretrained(folder)
     batches = text_batches(tokenizer, Path(cfg.data), cfg.warmup + cfg.steps, cfg.batch_size, cfg.seq_len)
     torch.save(batches, out / "batches.pt")
-    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    peaks = {"fp32": matmul_peak(torch.float32, cfg.device), "bf16": matmul_peak(torch.bfloat16, cfg.device)}
     log(f"matmul peak here: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s")
 
     workers = {name: _start(name, cfg, folder, out, log) for name in cfg.setups}
@@ -94,7 +101,7 @@ def run(cfg: TrainBench, log=print) -> dict:
                     times[name].append(reply["seconds"])
             log(f"round {i + 1}/{cfg.warmup + cfg.steps}: " + ", ".join(f"{n} {times[n][-1]:.2f}s"
                                                                          for n in order if times[n]))
-        rss = {name: _ask(workers[name], {"end": True})["peak_rss_mb"] for name in cfg.setups}
+        rss = {name: _ask(workers[name], {"end": True}) for name in cfg.setups}  # peak RSS (and GPU) MB
     finally:
         for proc in workers.values():
             proc.kill()
@@ -112,7 +119,8 @@ def _report(cfg, folder, peaks, times, losses, rss, out: Path) -> dict:
         flops = fwd * (3 if name.startswith("full") else 2)  # LoRA: forward + activation gradients only
         peak = peaks["bf16" if _bf16(name) else "fp32"]
         rows.append({"name": name, "tokens_per_s": round(tokens / step, 1), "step_s": round(step, 4),
-                     "peak_rss_mb": round(rss[name]), "final_loss": round(losses[name], 4),
+                     "peak_rss_mb": round(rss[name]["peak_rss_mb"]), "peak_gpu_mb": rss[name]["peak_gpu_mb"],
+                     "final_loss": round(losses[name], 4),
                      "gflops": round(flops / step / 1e9, 1), "peak_share": round(flops / step / 1e9 / peak, 3)})
     config = {**asdict(cfg), "data": _shown(cfg.data), "out": _shown(cfg.out)}
     result = {"machine": {**machine(), "matmul_peak_gflops": {k: round(v) for k, v in peaks.items()}},
@@ -141,8 +149,14 @@ def format_table(result: dict) -> str:
     table = [[r["name"], f"{r['tokens_per_s']:,.0f}", f"{r['step_s']:.3f}",
               f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if ref else "-", f"{r['peak_rss_mb']:,}",
               f"{r['gflops']:.0f}", f"{100 * r['peak_share']:.0f}%", f"{r['final_loss']:.4f}"] for r in rows]
+    device = result["config"].get("device", "cpu")
+    if device != "cpu":  # the GPU's own peak beside the process's
+        headers.insert(5, "peak GPU MB")
+        for line, r in zip(table, rows):
+            line.insert(5, f"{r.get('peak_gpu_mb') or 0:,}")
     m = result["machine"]
-    return (markdown(headers, table) + f"\n\nMachine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads, "
+    on = f"device {device} ({m['gpu']}), " if device != "cpu" else ""
+    return (markdown(headers, table) + f"\n\nMachine: {on}{m['cpu']}, {m['cores']} cores, {m['threads']} threads, "
             f"torch {m['torch']}, allocator {m['allocator']}; matmul peak fp32 {m['matmul_peak_gflops']['fp32']} "
             f"/ bf16 {m['matmul_peak_gflops']['bf16']} GFLOP/s.\n")
 
@@ -183,6 +197,7 @@ def build_step(name: str, cfg: TrainBench, folder: str):
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16 if bf16 else torch.float32)
     if name == "lorafit-nf4":
         quantize_model(model, "nf4")
+    model.to(cfg.device)
     if name.startswith("lorafit"):
         return _lorafit_step(model, cfg, "bf16" if bf16 else "fp32", checkpointing=name.endswith("-ckpt"),
                              compile_blocks=name == "lorafit-compile")
@@ -199,13 +214,14 @@ def build_step(name: str, cfg: TrainBench, folder: str):
     def step(batch: dict) -> tuple[float, float]:
         started = time.perf_counter()
         model.train()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        batch = {key: value.to(cfg.device) for key, value in batch.items()}
+        with torch.autocast(torch.device(cfg.device).type, dtype=torch.bfloat16, enabled=bf16):
             loss = model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return time.perf_counter() - started, loss.item()
+        return _finished(started, cfg.device), loss.item()
 
     return step
 
@@ -223,10 +239,17 @@ def _lorafit_step(model, cfg: TrainBench, precision: str, checkpointing: bool, c
 
     def step(batch: dict) -> tuple[float, float]:
         started = time.perf_counter()
-        loss, _ = train_step(model, optimizer, [batch], clip=1.0, precision=precision)
-        return time.perf_counter() - started, loss
+        loss, _ = train_step(model, optimizer, [batch], clip=1.0, precision=precision)  # batches follow the model
+        return _finished(started, cfg.device), loss
 
     return step
+
+
+def _finished(started: float, device: str) -> float:
+    """Seconds since `started`, once the device has done all it was asked (GPU kernels run asynchronously)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - started
 
 
 def _bf16(name: str) -> bool:
@@ -244,11 +267,15 @@ def worker(name: str, cfg_json: str, folder: str, batches_path: str) -> None:
     step = build_step(name, cfg, folder)
     release_freed_memory()  # what loading freed goes back to the OS before the window opens
     reset_peak()
+    if torch.device(cfg.device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(cfg.device)
     print(json.dumps({"ready": True}), file=replies, flush=True)
     for line in sys.stdin:
         message = json.loads(line)
         if message.get("end"):
-            print(json.dumps({"peak_rss_mb": peak_rss_mb()}), file=replies, flush=True)
+            gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.device(cfg.device).type == "cuda" else None
+            print(json.dumps({"peak_rss_mb": peak_rss_mb(), "peak_gpu_mb": gpu and round(gpu)}), file=replies,
+                  flush=True)
             return
         ids = batches[message["step"]]
         seconds, loss = step({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
