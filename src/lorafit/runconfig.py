@@ -63,7 +63,7 @@ class TrainConfig:
     tensorboard: bool = False  # also write TensorBoard scalars under out/tensorboard
     precision: str = "auto"  # "bf16": frozen base in bf16, LoRA in fp32; "fp32": exact; "auto": bf16 where fast
     checkpointing: bool = False  # recompute each block's activations during backward: less memory, ~1/3 more work
-    compile: bool = False  # torch.compile each transformer block: a compile of ~40 s first, then faster steps
+    compile: bool = False  # torch.compile each transformer block: 40-60 s of compiling first, then faster steps
     device: str = "auto"  # "cpu", "cuda" / "cuda:N", or "auto": the GPU where CUDA has one, else the CPU
 
     def __post_init__(self) -> None:
