@@ -272,6 +272,17 @@ def test_cli_trains_on_nf4_and_merges_into_the_dequantized_base(tmp_path):
     ids = torch.tensor([[3, 4, 5, 6]])
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, net(ids).logits, atol=1e-4, rtol=1e-4)
+    done = run("merge", "--adapter", str(adapter), "--out", str(tmp_path / "merged-emb"), "--quantize", "nf4",
+               "--quantize-embeddings")  # the base as a run with model.quantize_embeddings trained on
+    assert done.returncode == 0, done.stderr
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged-emb", dtype=torch.float32).eval()
+    net = tiny_llama()
+    quantize_model(net, "nf4", embeddings=True)
+    emb = net.get_input_embeddings()
+    assert type(emb) is not torch.nn.Embedding  # quantized: the merged table holds its dequantized values
+    torch.testing.assert_close(merged.get_input_embeddings().weight, emb.weight.dequantize())
+    done = run("merge", "--adapter", str(adapter), "--out", str(tmp_path / "merged-bad"), "--quantize-embeddings")
+    assert done.returncode == 2 and "needs quantize: nf4, int8 or gguf" in done.stderr, done.stderr
     done = run("train", str(config), "--quantize", "nf4", "--method", "full")
     assert done.returncode == 2 and "method full trains base weights" in done.stderr
 

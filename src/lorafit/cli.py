@@ -161,14 +161,17 @@ def merge(adapter: Annotated[Path, typer.Option(help="adapter folder")],
           overwrite: Annotated[bool, typer.Option(help="replace an existing output folder")] = False,
           quantize: Annotated[str, typer.Option(help="merge into the base as quantized in training (nf4, int8, "
                                                 "gguf): W = dequant(Wq) + BA; default none: the full-precision base")]
-          = "none"):
+          = "none",
+          quantize_embeddings: Annotated[bool, typer.Option(help="the embedding table too, as quantized in training "
+                                                            "(model.quantize_embeddings)")] = False):
     """Fold the adapter into the base weights and write a plain model folder (safetensors, config, tokenizer)."""
     from . import generate as gen
     from .methods import check_mergeable
     from .models import save_merged
 
     check_mergeable(adapter)
-    net, tokenizer, _ = gen.load_with_adapters(model, [str(adapter)], task=task, quantize=quantize)
+    net, tokenizer, _ = gen.load_with_adapters(model, [str(adapter)], task=task, quantize=quantize,
+                                               quantize_embeddings=quantize_embeddings)
     path = save_merged(net, tokenizer, out, overwrite=overwrite)
     dequantized = f" (the {quantize} base weights dequantized, plus the adapter)" if quantize != "none" else ""
     log(f"merged model written to {path}{dequantized}")

@@ -59,11 +59,12 @@ def adapter_name(path: str | Path, taken: list[str]) -> str:
 
 
 def load_with_adapters(model: str | None, adapters: list[str], task: str | None = None,
-                       quantize: str = "none") -> tuple:
+                       quantize: str = "none", quantize_embeddings: bool = False) -> tuple:
     """(model, tokenizer, adapter names): the base model (or the first adapter's base) with each adapter loaded.
 
     The task (and a classifier's labels) come from the first adapter unless `task` is given; `quantize` stores
-    the base's block weights quantized (lorafit.quant) before the adapters go on.
+    the base's block weights quantized (lorafit.quant) before the adapters go on, `quantize_embeddings` the
+    embedding table too.
     """
     if model is None:
         if not adapters:
@@ -74,7 +75,7 @@ def load_with_adapters(model: str | None, adapters: list[str], task: str | None 
         recorded, labels = task_of(adapters[0])
         task = task or recorded
     net, tokenizer = load_model(model, task=task or "causal-lm", labels=labels if task == "classification" else None,
-                                quantize=quantize)
+                                quantize=quantize, quantize_embeddings=quantize_embeddings)
     names: list[str] = []
     for path in adapters:
         names.append(adapter_name(path, names))

@@ -322,6 +322,8 @@ def load_model(model: str, task: str = "causal-lm", labels: list[str] | None = N
         raise ModelError(f"unknown task {task!r}; use one of {', '.join(TASKS)}")
     if labels is not None and task != "classification":
         raise ModelError(f"labels={labels!r} only apply to task='classification' (task is {task!r})")
+    if quantize == "none" and (quantize_head or quantize_embeddings):
+        raise ModelError("quantizing the head or the embeddings needs quantize: nf4, int8 or gguf")
     kwargs = {"dtype": dtype, **_head_kwargs(labels if task == "classification" else None)}
     where, gguf = resolve(model)
     tokenizer = _tokenizer(model, where, gguf)
