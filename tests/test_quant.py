@@ -232,7 +232,7 @@ def test_training_on_an_nf4_base_learns_and_reports_its_memory(tmp_path, monkeyp
 def test_real_gguf_preset_keeps_its_blocks_exactly_as_transformers_dequantizes_them(monkeypatch):
     from test_models import USER_CACHE, answer
 
-    from lorafit.models import load_model
+    from lorafit.models import cached_path, load_model
 
     monkeypatch.setenv("LORAFIT_CACHE", str(USER_CACHE))
     dense, _ = load_model("smollm2-135m-instruct")
@@ -244,6 +244,8 @@ def test_real_gguf_preset_keeps_its_blocks_exactly_as_transformers_dequantizes_t
     assert model_bytes(kept) < 0.35 * model_bytes(dense)  # 30 Q4_1 blocks beside the fp32 embedding (113 MB)
     assert "Paris" in answer(kept, tok, "What is the capital of France?")
     dense_bytes = model_bytes(dense)
+    done = quantize_model(dense, "gguf", cached_path("smollm2-135m-instruct"))  # what it reports: each format
+    assert len(done) == 30 * 7 and set(done.values()) == {"gguf-Q4_1"}
     del dense
     all_kept, tok = load_model("smollm2-135m-instruct", quantize="gguf", quantize_embeddings=True)
     table = all_kept.model.embed_tokens.weight

@@ -132,8 +132,9 @@ def keep_gguf_blocks(model: nn.Module, path: str | Path, embeddings: bool = Fals
     """Swap the block Linears of a Llama-family model loaded from GGUF `path` for ones holding the file's blocks;
     with embeddings=True the input embedding too (token_embd, and the output head when it is tied to it).
 
-    Returns {module name: block type}. Tensors the file stores unquantized stay dense. Raises GGUFError (naming
-    the tensor) for an architecture or block type that cannot be kept, before touching the model.
+    Returns {module name: format}, e.g. "gguf-Q4_1", as quantize_model does. Tensors the file stores unquantized
+    stay dense. Raises GGUFError (naming the tensor) for an architecture or block type that cannot be kept,
+    before touching the model.
     """
     from gguf import GGUFReader
 
@@ -157,7 +158,7 @@ def keep_gguf_blocks(model: nn.Module, path: str | Path, embeddings: bool = Fals
             done.update(swap_embedding(model, module, dense, weight))
         else:
             replace_module(model, module, QuantLinear(weight, dense.bias))
-            done[module] = qtype
+            done[module] = weight.format
     return done
 
 
