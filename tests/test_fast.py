@@ -7,8 +7,10 @@ from conftest import randomize_lora, tiny_gpt2, tiny_llama
 
 import lorafit
 from lorafit.fast import (
+    COMPILE_PAYS_AFTER,
     cast_frozen,
     causal_lm_loss,
+    compile_would_pay,
     evaluation,
     linear_cross_entropy,
     output_layer,
@@ -115,6 +117,14 @@ def test_precision_names():
     assert resolve_precision("fp32") == "fp32" and resolve_precision("auto") in ("bf16", "fp32")
     with pytest.raises(ValueError, match="precision must be one of auto, bf16, fp32"):
         resolve_precision("fp16")
+
+
+def test_compile_is_suggested_only_for_long_bf16_runs_on_a_cpu():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert compile_would_pay(COMPILE_PAYS_AFTER, cpu, "bf16")
+    assert not compile_would_pay(COMPILE_PAYS_AFTER - 1, cpu, "bf16")
+    assert not compile_would_pay(10 * COMPILE_PAYS_AFTER, cpu, "fp32")
+    assert not compile_would_pay(10 * COMPILE_PAYS_AFTER, gpu, "bf16")  # never measured there
 
 
 def test_device_names():

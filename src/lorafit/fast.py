@@ -30,6 +30,7 @@ from .quant.linear import QuantLinear, compute_dtype
 
 PRECISIONS = ("auto", "bf16", "fp32")
 ACTIVATION_BUDGET = 0.7  # share of its activations a compiled block keeps for backward; it recomputes the rest
+COMPILE_PAYS_AFTER = 330  # steps after which compiling paid for itself (SmolLM2 example, AMX CPU, empty cache)
 CHUNK = 128  # rows of logits per chunk: 128 x 49,152 fp32 is 24 MiB, under glibc's 32 MiB mmap threshold
 _SCALED_LOGITS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
@@ -140,6 +141,12 @@ def prepare(model: nn.Module, precision: str, checkpointing: bool = False, compi
         model.set_attn_implementation("eager")
     if compile_blocks:
         compile_model_blocks(model)
+
+
+def compile_would_pay(steps: int, device: torch.device, precision: str) -> bool:
+    """True for a run long enough that compiled blocks likely save more than compiling costs (bf16 on a CPU, the
+    only place it was measured); `lorafit train` then suggests `train.compile`, which stays opt-in."""
+    return device.type == "cpu" and precision == "bf16" and steps >= COMPILE_PAYS_AFTER
 
 
 def compile_model_blocks(model: nn.Module) -> int:

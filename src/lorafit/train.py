@@ -26,7 +26,18 @@ from .adapter_io import LABELS_FILE
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import Example, batches, encode, label_set, load_splits
 from .evaluate import mean_loss, score
-from .fast import autocast, dtype_for, evaluation, loss_of, prepare, resolve_device, resolve_precision, training
+from .fast import (
+    COMPILE_PAYS_AFTER,
+    autocast,
+    compile_would_pay,
+    dtype_for,
+    evaluation,
+    loss_of,
+    prepare,
+    resolve_device,
+    resolve_precision,
+    training,
+)
 from .files import write_json
 from .memory import PeakWindow
 from .methods.incontext import in_context_score
@@ -85,6 +96,9 @@ def train(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] = pri
     lora_cfg = adapter_config(cfg, model)
     methods.setup(model, cfg.method, lora_cfg)
     prepare(model, precision, cfg.train.checkpointing, compile_blocks=cfg.train.compile)
+    if not cfg.train.compile and compile_would_pay(cfg.train.steps, device, precision):
+        log(f"hint: for {cfg.train.steps} steps, --train.compile true is likely faster (a minute of compiling "
+            f"first; it paid for itself after about {COMPILE_PAYS_AFTER} steps on SmolLM2)")
     log(f"method: {cfg.method.name}; {lorafit.trainable_report(model)}")
     if cfg.method.name == "mezo":  # forward passes only: no gradients, no optimizer state
         optimizer = MeZO([p for _, p in trainable_parameters(model)], cfg.train.lr, cfg.method.mezo_eps,
