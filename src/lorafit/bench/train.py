@@ -101,14 +101,14 @@ def run(cfg: TrainBench, log=print) -> dict:
                     times[name].append(reply["seconds"])
             log(f"round {i + 1}/{cfg.warmup + cfg.steps}: " + ", ".join(f"{n} {times[n][-1]:.2f}s"
                                                                          for n in order if times[n]))
-        rss = {name: _ask(workers[name], {"end": True}) for name in cfg.setups}  # peak RSS (and GPU) MB
+        memory = {name: _ask(workers[name], {"end": True}) for name in cfg.setups}  # peak RSS (and GPU) MB
     finally:
         for proc in workers.values():
             proc.kill()
-    return _report(cfg, folder, peaks, times, losses, rss, out)
+    return _report(cfg, folder, peaks, times, losses, memory, out)
 
 
-def _report(cfg, folder, peaks, times, losses, rss, out: Path) -> dict:
+def _report(cfg, folder, peaks, times, losses, memory, out: Path) -> dict:
     from transformers import AutoConfig
 
     tokens = cfg.batch_size * cfg.seq_len
@@ -119,7 +119,7 @@ def _report(cfg, folder, peaks, times, losses, rss, out: Path) -> dict:
         flops = fwd * (3 if name.startswith("full") else 2)  # LoRA: forward + activation gradients only
         peak = peaks["bf16" if _bf16(name) else "fp32"]
         rows.append({"name": name, "tokens_per_s": round(tokens / step, 1), "step_s": round(step, 4),
-                     "peak_rss_mb": round(rss[name]["peak_rss_mb"]), "peak_gpu_mb": rss[name]["peak_gpu_mb"],
+                     "peak_rss_mb": round(memory[name]["peak_rss_mb"]), "peak_gpu_mb": memory[name]["peak_gpu_mb"],
                      "final_loss": round(losses[name], 4),
                      "gflops": round(flops / step / 1e9, 1), "peak_share": round(flops / step / 1e9 / peak, 3)})
     config = {**asdict(cfg), "data": _shown(cfg.data), "out": _shown(cfg.out)}
@@ -247,9 +247,13 @@ def _lorafit_step(model, cfg: TrainBench, precision: str, checkpointing: bool, c
 
 def _finished(started: float, device: str) -> float:
     """Seconds since `started`, once the device has done all it was asked (GPU kernels run asynchronously)."""
-    if torch.device(device).type == "cuda":
+    if _on_gpu(device):
         torch.cuda.synchronize(device)
     return time.perf_counter() - started
+
+
+def _on_gpu(device: str) -> bool:
+    return torch.device(device).type == "cuda"
 
 
 def _bf16(name: str) -> bool:
@@ -267,15 +271,14 @@ def worker(name: str, cfg_json: str, folder: str, batches_path: str) -> None:
     step = build_step(name, cfg, folder)
     release_freed_memory()  # what loading freed goes back to the OS before the window opens
     reset_peak()
-    if torch.device(cfg.device).type == "cuda":
+    if _on_gpu(cfg.device):
         torch.cuda.reset_peak_memory_stats(cfg.device)
     print(json.dumps({"ready": True}), file=replies, flush=True)
     for line in sys.stdin:
         message = json.loads(line)
         if message.get("end"):
-            gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.device(cfg.device).type == "cuda" else None
-            print(json.dumps({"peak_rss_mb": peak_rss_mb(), "peak_gpu_mb": gpu and round(gpu)}), file=replies,
-                  flush=True)
+            gpu = round(torch.cuda.max_memory_allocated(cfg.device) / 2**20) if _on_gpu(cfg.device) else None
+            print(json.dumps({"peak_rss_mb": peak_rss_mb(), "peak_gpu_mb": gpu}), file=replies, flush=True)
             return
         ids = batches[message["step"]]
         seconds, loss = step({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
