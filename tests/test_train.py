@@ -8,7 +8,8 @@ from safetensors.torch import load_file
 from test_models import saved_tiny_model
 
 from lorafit.runconfig import load_run_config
-from lorafit.train import train
+from lorafit.data import Example
+from lorafit.train import train, typical_rows
 
 WORDS = ["hello", "world", "cat", "dog"]
 
@@ -52,7 +53,8 @@ def test_run_learns_and_writes_adapter_metrics_and_plot(setup, precision):
     assert {t.dtype for t in load_file(out / "adapter" / "adapter_model.safetensors").values()} == {torch.float32}
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 13)) and "eval_loss" in rows[-1]
-    assert json.loads((out / "results.json").read_text())["steps"] == 12
+    results = json.loads((out / "results.json").read_text())
+    assert results["steps"] == 12 and isinstance(results["halved_products"], str)
 
 
 def test_resume_from_a_checkpoint_ends_with_the_same_adapter(setup):
@@ -108,3 +110,9 @@ def test_classifier_adapter_records_its_labels_and_merges_to_a_plain_classifier(
     assert merged.config.id2label == {0: "animal", 1: "word"}
     with torch.no_grad():
         torch.testing.assert_close(merged(**batch).logits, expected)
+
+
+def test_typical_rows_is_the_batch_times_the_90th_percentile_length():
+    examples = [Example(input_ids=[1] * n, labels=[1] * n) for n in range(1, 11)]  # lengths 1..10
+    assert typical_rows(examples, 4) == 4 * 9
+    assert typical_rows([], 4) == 0

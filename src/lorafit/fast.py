@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import rowsplit
 from .methods.virtual import virtual_inputs
 from .quant.linear import QuantLinear, compute_dtype
 
@@ -116,7 +117,8 @@ def evaluation(precision: str, model: nn.Module):
         yield
 
 
-def prepare(model: nn.Module, precision: str, checkpointing: bool = False, compile_blocks: bool = False) -> None:
+def prepare(model: nn.Module, precision: str, checkpointing: bool = False, compile_blocks: bool = False,
+            rows: int = 0) -> dict[tuple[int, int], tuple[bool, bool]]:
     """Set up a model (frozen base already loaded in dtype_for(precision), adapters injected) for training.
 
     Trainable parameters go to fp32. With bf16 on a CPU, attention runs eagerly: at the sequence lengths
@@ -124,7 +126,9 @@ def prepare(model: nn.Module, precision: str, checkpointing: bool = False, compi
     (a GPU keeps the model's own attention).
     `checkpointing` keeps only each block's input for backward and recomputes the rest (transformers' own
     gradient checkpointing, non-reentrant, which works with a frozen embedding). `compile_blocks` compiles each
-    transformer block in place (see `compile_model_blocks`).
+    transformer block in place (see `compile_model_blocks`). `rows` (tokens per batch, 0 for unknown): with
+    bf16 on a CPU, the frozen Linear products are timed at that many rows and computed in halves where that runs
+    faster (`rowsplit.apply`, whose choices are returned; {} when not timed).
     """
     if checkpointing:
         if not getattr(model, "supports_gradient_checkpointing", False):
@@ -139,8 +143,13 @@ def prepare(model: nn.Module, precision: str, checkpointing: bool = False, compi
     on_cpu = next(model.parameters()).device.type == "cpu"
     if precision == "bf16" and on_cpu and hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation("eager")
+    choices = {}
+    if precision == "bf16" and on_cpu and rows > 1:
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        choices = rowsplit.apply(model, rows, skip=head)
     if compile_blocks:
         compile_model_blocks(model)
+    return choices
 
 
 def compile_would_pay(steps: int, device: torch.device, precision: str) -> bool:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import rowsplit
 from .quant.linear import QuantLinear, QuantWeight, dequant_linear
 
 
@@ -101,6 +102,8 @@ class LoraLinear(LoraLayer):
     Over a quantized base (a QuantLinear), `weight` is its QuantWeight, dequantized on the fly in base_forward.
     """
 
+    row_split: tuple[bool, bool] = (False, False)  # base product in halves of rows: forward, backward (rowsplit)
+
     def __init__(self, base: nn.Module, fan_in_fan_out: bool = False):
         super().__init__()
         self.weight = base.weight  # the same Parameter objects: no copy, state-dict keys unchanged
@@ -118,6 +121,8 @@ class LoraLinear(LoraLayer):
         """Exactly the base module's forward (nn.Linear, QuantLinear, or transformers' Conv1D: x @ W + b)."""
         if isinstance(self.weight, QuantWeight):
             return dequant_linear(x, self.weight, self.bias)
+        if any(self.row_split):  # set by rowsplit.apply for a frozen bf16 weight on a CPU
+            return rowsplit.linear(x, self.weight, self.bias, self.row_split)
         if not self.fan_in_fan_out:
             return F.linear(x, self.weight, self.bias)
         out = torch.addmm(self.bias, x.reshape(-1, x.size(-1)), self.weight)  # (N, out), as Conv1D does it

@@ -234,7 +234,7 @@ def _lorafit_step(model, cfg: TrainBench, precision: str, checkpointing: bool, c
     from ..train import train_step
 
     lorafit.inject(model, lorafit.LoraConfig(r=cfg.r, alpha=2 * cfg.r, targets=list(cfg.targets)))
-    prepare(model, precision, checkpointing, compile_blocks)
+    prepare(model, precision, checkpointing, compile_blocks, rows=cfg.batch_size * cfg.seq_len)
     optimizer = make_optimizer(model, lr=1e-4, weight_decay=0.0)
 
     def step(batch: dict) -> tuple[float, float]:
