@@ -7,8 +7,8 @@ import torch
 from safetensors.torch import load_file
 from test_models import saved_tiny_model
 
-from lorafit.runconfig import load_run_config
 from lorafit.data import Example
+from lorafit.runconfig import load_run_config
 from lorafit.train import train, typical_rows
 
 WORDS = ["hello", "world", "cat", "dog"]
