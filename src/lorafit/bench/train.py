@@ -231,10 +231,13 @@ def _lorafit_step(model, cfg: TrainBench, precision: str, checkpointing: bool, c
 
     from ..fast import prepare
     from ..optim import make_optimizer
+    from ..rowsplit import describe
     from ..train import train_step
 
     lorafit.inject(model, lorafit.LoraConfig(r=cfg.r, alpha=2 * cfg.r, targets=list(cfg.targets)))
-    prepare(model, precision, checkpointing, compile_blocks, rows=cfg.batch_size * cfg.seq_len)
+    halved = prepare(model, precision, checkpointing, compile_blocks, rows=cfg.batch_size * cfg.seq_len)
+    if halved:  # the worker's log (stderr) says which frozen products run in halves of rows
+        print(f"frozen products in halves of rows: {describe(halved)}", file=sys.stderr)
     optimizer = make_optimizer(model, lr=1e-4, weight_decay=0.0)
 
     def step(batch: dict) -> tuple[float, float]:
