@@ -102,3 +102,20 @@ def test_compiled_blocks_with_halved_products_give_the_eager_loss_and_gradients(
     grads = [torch.autograd.grad(loss, ps) for loss, ps in zip(losses, params)]
     for a, b in zip(*grads):
         torch.testing.assert_close(b, a, rtol=0.05, atol=0.02 * a.abs().max().item())
+
+
+def test_halved_products_recompute_under_gradient_checkpointing(monkeypatch):
+    monkeypatch.setattr(rowsplit, "halves_pay", lambda rows, b: True)
+    results = []
+    for checkpointing in (False, True):
+        model = lorafit.inject(tiny_llama(), lorafit.LoraConfig(r=4, targets=["q_proj", "v_proj"], dropout=0.0))
+        randomize_lora(model)
+        cast_frozen(model, torch.bfloat16)
+        prepare(model, "bf16", checkpointing=checkpointing, rows=30)
+        model.train()
+        with training("bf16", model):
+            loss = causal_lm_loss(model, ids())
+        results.append((loss, torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])))
+    torch.testing.assert_close(results[1][0], results[0][0])
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(b, a)
