@@ -211,13 +211,16 @@ def bench_train(
     setups: Annotated[str, typer.Option(help="comma-separated subset of the setups")] = ",".join(
         ("lorafit-fast", "lorafit-fp32", "peft-best", "peft-fp32", "full-fp32")),
     out: Annotated[Path, typer.Option(help="output folder")] = Path("runs/bench-train"),
-    device: Annotated[str, typer.Option(help="cpu, or cuda / cuda:N to run every setup on a GPU")] = "cpu"):
+    device: Annotated[str, typer.Option(help="cpu, or cuda / cuda:N to run every setup on a GPU")] = "cpu",
+    keep_freed_memory: Annotated[bool, typer.Option(
+        help="every setup with glibc keeping freed memory for reuse (lorafit train does this)")] = False):
     """lorafit's training step against PEFT's (best and fp32) and full fine-tuning, interleaved, same batches."""
     from .bench.train import TrainBench, format_table, run
 
     extra = {"data": str(data)} if data else {}
     cfg = TrainBench(model=model, batch_size=batch_size, seq_len=seq_len, r=r, targets=targets.split(","),
-                     warmup=warmup, steps=steps, setups=setups.split(","), out=str(out), device=device, **extra)
+                     warmup=warmup, steps=steps, setups=setups.split(","), out=str(out), device=device,
+                     keep_freed_memory=keep_freed_memory, **extra)
     print(format_table(run(cfg, log=log)))
 
 

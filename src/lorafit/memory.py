@@ -7,6 +7,8 @@ the result says so.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import resource
 from pathlib import Path
 
@@ -31,6 +33,27 @@ def peak_rss_mb() -> float:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers (malloc.h)
+KEEP_BELOW = 256 << 20  # blocks under this come from the reusable heap, not from fresh pages
+TRIM_ABOVE = 1 << 30  # free memory at the heap's top goes back to the OS only past this much
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc keep memory a training step frees for the next step instead of returning it to the OS.
+
+    By default glibc serves blocks over a threshold (adapting, up to 32 MB) with fresh pages and trims the heap
+    when its top is free, so every step's activations and loss buffers page-fault anew: measured on SmolLM2-135M,
+    8 x 128 tokens, AMX CPU, 52,000 page faults per compiled lorafit step (0.94 s) and 262,000 per step of PEFT
+    at its best (2.61 s). With this: none, 0.84 s and 1.68 s, and lorafit's peak RSS 1,339 -> 1,298 MB (PEFT's
+    2,223 -> 2,854 MB). Process-wide and lasting; False (nothing done) where the C library is not glibc.
+    """
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    if libc is None or not hasattr(libc, "mallopt") or not hasattr(libc, "gnu_get_libc_version"):
+        return False
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, KEEP_BELOW)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, TRIM_ABOVE))
 
 
 class PeakWindow:

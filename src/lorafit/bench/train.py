@@ -37,7 +37,7 @@ import torch
 
 from ..fast import resolve_device
 from ..files import write_json, write_text
-from ..memory import peak_rss_mb, reset_peak
+from ..memory import keep_freed_memory, peak_rss_mb, reset_peak
 from ..quant import release_freed_memory
 from .common import EXAMPLE_DATA, forward_flops, machine, markdown, matmul_peak, median, text_batches
 
@@ -59,6 +59,7 @@ class TrainBench:
     setups: list[str] = field(default_factory=lambda: list(SETUPS))
     out: str = "runs/bench-train"
     device: str = "cpu"  # "cuda" / "cuda:N": every setup on the GPU, with CUDA autocast for the bf16 rows
+    keep_freed_memory: bool = False  # every setup with glibc keeping freed memory for reuse, as lorafit train does
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.setups) - set(SETUPS) - set(EXTRA_SETUPS))
@@ -123,7 +124,10 @@ def _report(cfg, folder, peaks, times, losses, memory, out: Path) -> dict:
                      "final_loss": round(losses[name], 4),
                      "gflops": round(flops / step / 1e9, 1), "peak_share": round(flops / step / 1e9 / peak, 3)})
     config = {**asdict(cfg), "data": _shown(cfg.data), "out": _shown(cfg.out)}
-    result = {"machine": {**machine(), "matmul_peak_gflops": {k: round(v) for k, v in peaks.items()}},
+    where = machine()
+    if cfg.keep_freed_memory:  # every row ran so
+        where["allocator"] += ", freed memory kept for reuse (mmap threshold 256 MB, trim threshold 1 GB)"
+    result = {"machine": {**where, "matmul_peak_gflops": {k: round(v) for k, v in peaks.items()}},
               "config": config, "rows": rows}
     write_json(out / "bench.json", result)
     write_text(out / "bench.md", format_table(result))
@@ -268,6 +272,8 @@ def worker(name: str, cfg_json: str, folder: str, batches_path: str) -> None:
     """Load one setup, then answer {"step": i} with {"seconds", "loss"} and {"end": true} with peak RSS."""
     replies, sys.stdout = sys.stdout, sys.stderr  # whatever the libraries print must not garble the replies
     cfg = TrainBench(**json.loads(cfg_json))
+    if cfg.keep_freed_memory:
+        keep_freed_memory()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     batches = torch.load(batches_path, weights_only=True)
