@@ -20,7 +20,7 @@ import time
 import torch
 from torch import nn
 
-MARGIN = 0.9  # halves must take under 90% of the whole product's time: noise never flips a product
+MARGIN = 0.9  # halves must take under 90% of the whole product's time, so timing noise seldom picks them
 _REPEATS = 5  # timings per variant; the fastest counts
 
 
