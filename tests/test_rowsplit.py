@@ -82,40 +82,35 @@ def test_only_frozen_bf16_cpu_weights_are_timed():
     assert rowsplit.describe({(4, 8): (False, True)}) == "4x8 backward"
 
 
+def bf16_lora_model(**prepare_options) -> nn.Module:
+    """A tiny Llama with a non-zero LoRA, frozen base in bf16, prepared for training with `prepare_options`."""
+    model = lorafit.inject(tiny_llama(), lorafit.LoraConfig(r=4, targets=["q_proj", "v_proj"], dropout=0.0))
+    randomize_lora(model)
+    cast_frozen(model, torch.bfloat16)
+    prepare(model, "bf16", rows=30, **prepare_options)
+    return model.train()
+
+
+def loss_and_grads(model: nn.Module) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    with training("bf16", model):
+        loss = causal_lm_loss(model, ids())
+    return loss, torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])
+
+
 def test_compiled_blocks_with_halved_products_give_the_eager_loss_and_gradients(monkeypatch):
     monkeypatch.setattr(rowsplit, "halves_pay", lambda rows, b: True)
     counters.clear()
-    models = []
-    for compile_blocks in (False, True):
-        model = lorafit.inject(tiny_llama(), lorafit.LoraConfig(r=4, targets=["q_proj", "v_proj"], dropout=0.0))
-        randomize_lora(model)
-        cast_frozen(model, torch.bfloat16)
-        prepare(model, "bf16", compile_blocks=compile_blocks, rows=30)
-        models.append(model.train())
-    losses = []
-    for m in models:
-        with training("bf16", m):
-            losses.append(causal_lm_loss(m, ids()))
-    torch.testing.assert_close(losses[1], losses[0], rtol=0.01, atol=0.01)
+    (loss, grads), (compiled_loss, compiled_grads) = [loss_and_grads(bf16_lora_model(compile_blocks=c))
+                                                      for c in (False, True)]
+    torch.testing.assert_close(compiled_loss, loss, rtol=0.01, atol=0.01)
     assert not counters["graph_break"]  # the halves compile into the block's graph
-    params = [[p for p in m.parameters() if p.requires_grad] for m in models]
-    grads = [torch.autograd.grad(loss, ps) for loss, ps in zip(losses, params)]
-    for a, b in zip(*grads):
+    for a, b in zip(grads, compiled_grads):
         torch.testing.assert_close(b, a, rtol=0.05, atol=0.02 * a.abs().max().item())
 
 
 def test_halved_products_recompute_under_gradient_checkpointing(monkeypatch):
     monkeypatch.setattr(rowsplit, "halves_pay", lambda rows, b: True)
-    results = []
-    for checkpointing in (False, True):
-        model = lorafit.inject(tiny_llama(), lorafit.LoraConfig(r=4, targets=["q_proj", "v_proj"], dropout=0.0))
-        randomize_lora(model)
-        cast_frozen(model, torch.bfloat16)
-        prepare(model, "bf16", checkpointing=checkpointing, rows=30)
-        model.train()
-        with training("bf16", model):
-            loss = causal_lm_loss(model, ids())
-        results.append((loss, torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])))
-    torch.testing.assert_close(results[1][0], results[0][0])
-    for a, b in zip(results[0][1], results[1][1]):
+    (loss, grads), (ckpt_loss, ckpt_grads) = [loss_and_grads(bf16_lora_model(checkpointing=c)) for c in (False, True)]
+    torch.testing.assert_close(ckpt_loss, loss)
+    for a, b in zip(grads, ckpt_grads):
         torch.testing.assert_close(b, a)
