@@ -49,11 +49,16 @@ def keep_freed_memory() -> bool:
     at its best (2.61 s). With this: none, 0.84 s and 1.68 s, and lorafit's peak RSS 1,339 -> 1,298 MB (PEFT's
     2,223 -> 2,854 MB). Process-wide and lasting; False (nothing done) where the C library is not glibc.
     """
-    name = ctypes.util.find_library("c")
-    libc = ctypes.CDLL(name) if name else None
+    libc = c_library()
     if libc is None or not hasattr(libc, "mallopt") or not hasattr(libc, "gnu_get_libc_version"):
         return False
     return bool(libc.mallopt(_M_MMAP_THRESHOLD, KEEP_BELOW)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, TRIM_ABOVE))
+
+
+def c_library() -> ctypes.CDLL | None:
+    """The process's C library (for glibc's malloc controls), or None where it cannot be found."""
+    name = ctypes.util.find_library("c")
+    return ctypes.CDLL(name) if name else None
 
 
 class PeakWindow:

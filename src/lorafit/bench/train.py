@@ -37,7 +37,7 @@ import torch
 
 from ..fast import resolve_device
 from ..files import write_json, write_text
-from ..memory import keep_freed_memory, peak_rss_mb, reset_peak
+from ..memory import KEEP_BELOW, TRIM_ABOVE, keep_freed_memory, peak_rss_mb, reset_peak
 from ..quant import release_freed_memory
 from .common import EXAMPLE_DATA, forward_flops, machine, markdown, matmul_peak, median, text_batches
 
@@ -126,7 +126,8 @@ def _report(cfg, folder, peaks, times, losses, memory, out: Path) -> dict:
     config = {**asdict(cfg), "data": _shown(cfg.data), "out": _shown(cfg.out)}
     where = machine()
     if cfg.keep_freed_memory:  # every row ran so
-        where["allocator"] += ", freed memory kept for reuse (mmap threshold 256 MB, trim threshold 1 GB)"
+        where["allocator"] += (f", freed memory kept for reuse (mmap threshold {KEEP_BELOW >> 20} MB, "
+                               f"trim threshold {TRIM_ABOVE >> 20} MB)")
     result = {"machine": {**where, "matmul_peak_gflops": {k: round(v) for k, v in peaks.items()}},
               "config": config, "rows": rows}
     write_json(out / "bench.json", result)

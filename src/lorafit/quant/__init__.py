@@ -13,13 +13,12 @@ base's storage: an adapter trained on an NF4 base loads onto the fp32 base and t
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..memory import c_library
 from .bnb import Int8Weight, NF4Weight
 from .embedding import QuantEmbedding, input_embedding, swap_embedding
 from .gguf import GGUFError, keep_gguf_blocks
@@ -146,7 +145,6 @@ def release_freed_memory() -> None:
     import gc
 
     gc.collect()
-    libc_name = ctypes.util.find_library("c")
-    libc = ctypes.CDLL(libc_name) if libc_name else None
+    libc = c_library()
     if libc is not None and hasattr(libc, "malloc_trim"):
         libc.malloc_trim(0)
