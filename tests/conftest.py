@@ -46,3 +46,15 @@ def randomize_lora(model: torch.nn.Module, seed: int = 0) -> None:
         for _, layer in lorafit.lora_layers(model):
             for param in layer.lora.parameters():
                 param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
+
+
+def lm_batch(seed: int = 0) -> dict:
+    """Two padded rows; the first tokens of each are a masked prompt, as in instruction tuning."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 128, (2, 12), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0  # right padding
+    labels = ids.clone()
+    labels[:, :4] = -100  # prompt
+    labels[mask == 0] = -100
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}

@@ -320,7 +320,7 @@ def test_collate_pads_right_with_ignore_labels():
 def test_bucket_padding_leaves_the_loss_unchanged():
     from conftest import tiny_llama
 
-    from lorafit.fast import loss_of
+    from lorafit.loss import loss_of
 
     model = tiny_llama()
     examples = [Example(list(range(3, 12)), [IGNORE] * 4 + list(range(7, 12))), Example([4, 5, 6], [4, 5, 6])]

@@ -357,7 +357,7 @@ def test_quantized_embeddings_keep_a_tied_head_tied_and_equal_the_dequantized_mo
 
 
 def test_fast_loss_dequantizes_a_quantized_head(ids):
-    from lorafit.fast import causal_lm_loss, output_layer
+    from lorafit.loss import causal_lm_loss, output_layer
 
     model = tied_tiny_llama()
     quantize_model(model, "nf4", embeddings=True)

@@ -9,8 +9,9 @@ from torch._dynamo.utils import counters
 
 import lorafit
 from lorafit import rowsplit
-from lorafit.fast import cast_frozen, causal_lm_loss, prepare, training
+from lorafit.fast import cast_frozen, prepare, training
 from lorafit.lora import LoraLinear
+from lorafit.loss import causal_lm_loss
 from lorafit.rowsplit import RowSplitLinear
 
 

@@ -13,8 +13,9 @@ from transformers import LlamaConfig, LlamaForSequenceClassification, PreTrained
 
 from lorafit.data import Example
 from lorafit.evaluate import accuracy, generate, mean_loss
-from lorafit.fast import autocast, cast_frozen, loss_of, output_layer, prepare
+from lorafit.fast import autocast, cast_frozen, prepare
 from lorafit.generate import stream
+from lorafit.loss import loss_of, output_layer
 from lorafit.methods.select import MethodError
 from lorafit.methods.virtual import (
     add_virtual_tokens,

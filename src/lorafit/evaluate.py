@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .data import Example, Row, collate, prompt_and_answer
-from .fast import loss_of
+from .loss import loss_of
 from .methods.virtual import virtual_inputs
 
 

@@ -2,15 +2,8 @@
 
 Where the time of a LoRA step goes on a CPU (SmolLM2-135M, 8 x 128 tokens): the frozen weights need no gradient,
 so a step is about two forward passes of matrix multiplies, which bf16 matrix units run ~7x faster than fp32.
-What is left besides them is mostly the output layer: a (tokens x 49,152) logits tensor in fp32, its
-log-softmax and its gradient, hundreds of MB written and read back on every step. `linear_cross_entropy` never
-builds it: it walks the tokens in chunks small enough to stay in cache, computing each chunk's loss and its
-gradient with respect to the hidden states at once (the gradient is kept for backward). Prompt tokens whose
-label is masked (-100) are dropped before the output layer, so an instruction-tuning step pays only for the
-answer tokens.
-
-No maintained library does this on CPU: the fused linear-cross-entropy kernels that exist (Liger, Apple's
-cut-cross-entropy) are Triton kernels for GPUs.
+What is left besides them is mostly the output layer, which `loss.linear_cross_entropy` computes without ever
+building the logits, and small elementwise kernels, which compiled blocks fuse (`compile_model_blocks`).
 
 `precision="fp32"` is the exact path: every tensor stays fp32 and the loss equals transformers' own to float
 rounding (tests compare the two). `precision="bf16"` casts the frozen weights to bf16; the trainable weights
@@ -26,14 +19,10 @@ import torch
 from torch import nn
 
 from . import rowsplit
-from .methods.virtual import virtual_inputs
-from .quant.linear import QuantLinear, compute_dtype
 
 PRECISIONS = ("auto", "bf16", "fp32")
 ACTIVATION_BUDGET = 0.7  # share of its activations a compiled block keeps for backward; it recomputes the rest
 COMPILE_PAYS_AFTER = 330  # steps after which compiling paid for itself (SmolLM2 example, AMX CPU, empty cache)
-CHUNK = 128  # rows of logits per chunk: 128 x 49,152 fp32 is 24 MiB, under glibc's 32 MiB mmap threshold
-_SCALED_LOGITS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -172,120 +161,3 @@ def compile_model_blocks(model: nn.Module) -> int:
     for block in blocks:
         block.compile(dynamic=True)
     return len(blocks)
-
-
-def loss_of(model: nn.Module, batch: dict) -> torch.Tensor:
-    """The training loss of `batch`: the chunked next-token loss for language models, the model's own otherwise.
-
-    Virtual tokens (prefix / prompt tuning) go in here, through `virtual_inputs`.
-    """
-    labels = batch.get("labels")
-    if labels is not None and labels.dim() == 2 and labels.shape == batch["input_ids"].shape:
-        return causal_lm_loss(model, batch)
-    return model(**virtual_inputs(model, batch)[0]).loss
-
-
-def output_layer(model: nn.Module) -> tuple[nn.Module, nn.Linear | QuantLinear] | None:
-    """(body giving the final hidden states, frozen output Linear) when logits are exactly linear(hidden), else None.
-
-    None for models that scale or cap their logits, or whose output layer trains or carries an adapter: their
-    loss goes through the model's own forward.
-    """
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    body = getattr(model, "base_model", None)
-    config = getattr(model, "config", None)
-    frozen = isinstance(head, QuantLinear) or (type(head) is nn.Linear and not head.weight.requires_grad)
-    if not frozen or body is None or body is model:  # a QuantLinear is frozen: the loss dequantizes it per call
-        return None
-    if any(getattr(config, name, None) not in (None, 1, 1.0) for name in _SCALED_LOGITS):
-        return None
-    return body, head
-
-
-def causal_lm_loss(model: nn.Module, batch: dict, chunk: int = CHUNK) -> torch.Tensor:
-    """Mean next-token cross-entropy over the labelled tokens of `batch`, as model(**batch).loss computes it.
-
-    Uses the chunked output layer when the model allows (see `output_layer`), the model's own forward otherwise.
-    """
-    parts = output_layer(model)
-    inputs, _ = virtual_inputs(model, batch)  # a prompt's positions come with IGNORE labels
-    if parts is None or "labels" not in batch:
-        return model(**inputs).loss
-    body, head = parts
-    labels = inputs["labels"]  # (B, T'), T' = n + T with a prompt, T otherwise
-    inputs = {k: v for k, v in inputs.items() if k != "labels"}
-    hidden = body(**inputs, use_cache=False).last_hidden_state  # (B, T', H)
-    targets = labels[:, 1:]  # token t predicts token t+1
-    keep = targets != -100
-    picked = hidden[:, :-1][keep]  # (N, H): only the positions that carry a label
-    if picked.shape[0] == 0:
-        raise ValueError("no labelled tokens in the batch: every label is -100 (were answers truncated away?)")
-    weight = head.weight.dequantize() if isinstance(head, QuantLinear) else head.weight  # (V, H)
-    return linear_cross_entropy(picked, weight, targets[keep], head.bias, chunk)
-
-
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         bias: torch.Tensor | None = None, chunk: int = CHUNK) -> torch.Tensor:
-    """mean_i CE(hidden_i @ weight.T + bias, targets_i) without building the (N, vocab) logits.
-
-    hidden (N, H) may require grad; weight (V, H) and bias (V,) are frozen. Matrix products run in the inputs'
-    dtype, softmax and the loss in fp32.
-    """
-    if weight.requires_grad or (bias is not None and bias.requires_grad):
-        raise ValueError("linear_cross_entropy: the output layer must be frozen (its gradient is not computed)")
-    if hidden.requires_grad and torch.is_grad_enabled():
-        return _LinearCrossEntropy.apply(hidden, weight, targets, bias, chunk)
-    return _loss_and_grad(hidden, weight, targets, bias, chunk, want_grad=False)[0]
-
-
-def _loss_and_grad(hidden, weight, targets, bias, chunk: int, want_grad: bool):
-    """(mean loss, d mean loss / d hidden or None), one chunk of rows at a time.
-
-    The chunk's logits live in two buffers made once per call and overwritten in place, instead of a fresh
-    25 MB tensor per operation (measured on an AMX CPU over 1,024 tokens and SmolLM2's 49,152-token vocabulary:
-    the loss and its gradient took 0.33 s that way, 0.23 s this way).
-    """
-    n, dtype = hidden.shape[0], compute_dtype(hidden)  # the products run in autocast's dtype when it is on
-    w = weight.to(dtype)  # (V, H); no copy when it has that dtype already
-    rows_max = min(chunk, n)
-    product = torch.empty(rows_max, w.shape[0], dtype=dtype, device=hidden.device)  # (c, V) in the matmul dtype
-    logits = product if dtype == torch.float32 else torch.empty_like(product, dtype=torch.float32)
-    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    grad = torch.empty(n, hidden.shape[1], dtype=dtype, device=hidden.device) if want_grad else None
-    for start in range(0, n, chunk):
-        m, y = min(chunk, n - start), targets[start:start + chunk]
-        out, z = product[:m], logits[:m]
-        torch.mm(hidden[start:start + m].to(dtype), w.T, out=out)
-        if bias is not None:
-            out.add_(bias.to(dtype))
-        if z is not out:
-            z.copy_(out)  # softmax and the loss in fp32
-        top = z.amax(dim=1, keepdim=True)  # (m, 1)
-        picked = z.gather(1, y[:, None])  # (m, 1): the target's logit
-        z.sub_(top).exp_()  # exp(z - max), in place
-        norm = z.sum(dim=1, keepdim=True)  # (m, 1)
-        total += (top + norm.log() - picked).sum()  # log-sum-exp minus the target's logit
-        if want_grad:  # d CE / d logits = softmax - onehot; then back through the linear layer
-            z.div_(norm)
-            z[torch.arange(m, device=z.device), y] -= 1.0
-            if z is not out:
-                out.copy_(z)
-            torch.mm(out, w, out=grad[start:start + m])
-    if grad is not None:
-        grad = grad.div_(n).to(hidden.dtype)
-    return total / n, grad
-
-
-class _LinearCrossEntropy(torch.autograd.Function):
-    """The loss's gradient is computed in forward, chunk by chunk, and only scaled in backward."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, bias, chunk):
-        loss, grad = _loss_and_grad(hidden.detach(), weight, targets, bias, chunk, want_grad=True)
-        ctx.save_for_backward(grad)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        (grad,) = ctx.saved_tensors
-        return grad * grad_loss.to(grad.dtype), None, None, None, None

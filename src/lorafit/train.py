@@ -32,13 +32,13 @@ from .fast import (
     compile_would_pay,
     dtype_for,
     evaluation,
-    loss_of,
     prepare,
     resolve_device,
     resolve_precision,
     training,
 )
 from .files import write_json
+from .loss import loss_of
 from .memory import PeakWindow, keep_freed_memory
 from .methods.incontext import in_context_score
 from .methods.mezo import MeZO
