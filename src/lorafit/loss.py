@@ -150,6 +150,7 @@ def _scratch(name: str, rows: int, cols: int, dtype: torch.dtype, device: torch.
 
     Made afresh on every call, the 48 MB logits block sits above glibc's mmap threshold: it goes back to the
     system when freed and is faulted in again page by page on the next step (18 ms of a 117 ms loss, measured).
+    One set per process: two threads computing this loss at once would share it.
     """
     key = (name, dtype, device)
     kept = _kept.get(key)
