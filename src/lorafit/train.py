@@ -59,15 +59,7 @@ def train(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] = pri
     device = resolve_device(cfg.train.device)
     precision = resolve_precision(cfg.train.precision, device)
     cfg = replace(cfg, train=replace(cfg.train, precision=precision))  # from here on: "bf16" or "fp32"
-    log(f"device: {device}; precision: {precision}" + (" (frozen base in bf16, LoRA weights and optimizer in fp32)"
-                                                       if precision == "bf16" else " (exact)"))
-    model, tokenizer = load_model(cfg.model.name, task=cfg.model.task, labels=labels, dtype=dtype_for(precision),
-                                  quantize=cfg.model.quantize, quantize_head=cfg.model.quantize_head,
-                                  quantize_embeddings=cfg.model.quantize_embeddings)
-    model.to(device)  # loaded (and quantized) on the CPU; adapters are made on the weights' device
-    if cfg.model.quantize != "none":
-        log(f"quantize: {cfg.model.quantize}: {len(quantized_weights(model))} weights quantized; "
-            f"model weights in memory: {model_bytes(model) / 1e6:,.1f} MB")
+    model, tokenizer = _load_model(cfg, labels, device, log)
     train_set = encode(train_rows, fmt, tokenizer, cfg.data, labels)
     val_set = encode(val_rows, fmt, tokenizer, cfg.data, labels)
     eval_rows, eval_set = val_rows[:cfg.eval.limit], val_set[:cfg.eval.limit]
@@ -93,34 +85,13 @@ def train(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] = pri
         write_json(out / "results.json", report)
         return report
 
-    lora_cfg = adapter_config(cfg, model)
-    methods.setup(model, cfg.method, lora_cfg)
-    halved = prepare(model, precision, cfg.train.checkpointing, compile_blocks=cfg.train.compile,
-                     rows=typical_rows(train_set, cfg.train.batch_size))
-    report["halved_products"] = rowsplit.describe(halved)  # frozen products timed faster in halves of rows
-    if halved:
-        log(f"frozen products computed in halves of rows (timed faster on this CPU): {report['halved_products']}")
-    if not cfg.train.compile and compile_would_pay(cfg.train.steps, device, precision):
-        log(f"hint: for {cfg.train.steps} steps, --train.compile true is likely faster (a minute of compiling "
-            f"first; it paid for itself after about {COMPILE_PAYS_AFTER} steps on SmolLM2)")
-    log(f"method: {cfg.method.name}; {lorafit.trainable_report(model)}")
-    if cfg.method.name == "mezo":  # forward passes only: no gradients, no optimizer state
-        optimizer = MeZO([p for _, p in trainable_parameters(model)], cfg.train.lr, cfg.method.mezo_eps,
-                         cfg.train.weight_decay, cfg.train.seed)
-    else:
-        optimizer = make_optimizer(model, cfg.train.lr, cfg.train.weight_decay)
-    state = {"step": 0, "micro_batches": 0, "seconds": 0.0}
-    if resume:
-        state = _resume(out, model, optimizer, log)
-
+    optimizer = _set_up_training(cfg, model, train_set, report, log)
+    state = _resume(out, model, optimizer, log) if resume else {"step": 0, "micro_batches": 0, "seconds": 0.0}
     kept = keep_freed_memory()  # each step reuses what the last one freed instead of page-faulting it in again
     report["allocator"] = "glibc, freed memory kept for reuse" if kept else "the C library's default"
     with PeakWindow() as peak:
         state = run_loop(model, optimizer, train_set, val_set, cfg, state, tokenizer.pad_token_id, log)
-    info = methods.save_method(model, out / "adapter", cfg.method, cfg.model.name, cfg.model.task)
-    if labels is not None:  # the head's classes, in order: what a later load needs to size the head
-        write_json(out / "adapter" / LABELS_FILE, labels)
-    log(f"adapter saved to {info['path']} ({info['file_bytes']:,} bytes)")
+    info = _save_result(cfg, model, labels, log)
     report.update(steps=state["step"], train_seconds=round(state["seconds"], 1), adapter=info,
                   trainable=lorafit.trainable_report(model), peak_rss_mb_train=peak.mb, peak_gpu_mb_train=peak.gpu_mb,
                   trainable_params=sum(p.numel() for _, p in trainable_parameters(model)))
@@ -131,6 +102,50 @@ def train(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] = pri
     plot_before_after(report, out / "before_after.png")
     write_json(out / "results.json", report)
     return report
+
+
+def _load_model(cfg: RunConfig, labels: list[str] | None, device: torch.device, log: Callable[[str], None]):
+    """(model, tokenizer): the frozen base in the run's precision (quantized as asked), on `device`."""
+    precision = cfg.train.precision
+    log(f"device: {device}; precision: {precision}" + (" (frozen base in bf16, LoRA weights and optimizer in fp32)"
+                                                       if precision == "bf16" else " (exact)"))
+    model, tokenizer = load_model(cfg.model.name, task=cfg.model.task, labels=labels, dtype=dtype_for(precision),
+                                  quantize=cfg.model.quantize, quantize_head=cfg.model.quantize_head,
+                                  quantize_embeddings=cfg.model.quantize_embeddings)
+    model.to(device)  # loaded (and quantized) on the CPU; adapters are made on the weights' device
+    if cfg.model.quantize != "none":
+        log(f"quantize: {cfg.model.quantize}: {len(quantized_weights(model))} weights quantized; "
+            f"model weights in memory: {model_bytes(model) / 1e6:,.1f} MB")
+    return model, tokenizer
+
+
+def _set_up_training(cfg: RunConfig, model: nn.Module, train_set: list[Example], report: dict,
+                     log: Callable[[str], None]) -> torch.optim.Optimizer:
+    """Inject the method's trainable parts, prepare the fast path (`fast.prepare`) and make the optimizer."""
+    methods.setup(model, cfg.method, adapter_config(cfg, model))
+    t = cfg.train
+    halved = prepare(model, t.precision, t.checkpointing, compile_blocks=t.compile,
+                     rows=typical_rows(train_set, t.batch_size))
+    report["halved_products"] = rowsplit.describe(halved)  # frozen products timed faster in halves of rows
+    if halved:
+        log(f"frozen products computed in halves of rows (timed faster on this CPU): {report['halved_products']}")
+    if not t.compile and compile_would_pay(t.steps, next(model.parameters()).device, t.precision):
+        log(f"hint: for {t.steps} steps, --train.compile true is likely faster (a minute of compiling "
+            f"first; it paid for itself after about {COMPILE_PAYS_AFTER} steps on SmolLM2)")
+    log(f"method: {cfg.method.name}; {lorafit.trainable_report(model)}")
+    if cfg.method.name == "mezo":  # forward passes only: no gradients, no optimizer state
+        return MeZO([p for _, p in trainable_parameters(model)], t.lr, cfg.method.mezo_eps, t.weight_decay, t.seed)
+    return make_optimizer(model, t.lr, t.weight_decay)
+
+
+def _save_result(cfg: RunConfig, model: nn.Module, labels: list[str] | None, log: Callable[[str], None]) -> dict:
+    """Save what the method trained into out/adapter (with a classifier's labels); returns save_method's info."""
+    folder = Path(cfg.out) / "adapter"
+    info = methods.save_method(model, folder, cfg.method, cfg.model.name, cfg.model.task)
+    if labels is not None:  # the head's classes, in order: what a later load needs to size the head
+        write_json(folder / LABELS_FILE, labels)
+    log(f"adapter saved to {info['path']} ({info['file_bytes']:,} bytes)")
+    return info
 
 
 def typical_rows(examples: list[Example], batch_size: int) -> int:
