@@ -9,8 +9,10 @@ from lorafit.fast import (
     COMPILE_PAYS_AFTER,
     cast_frozen,
     compile_would_pay,
+    compiler_problem,
     evaluation,
     prepare,
+    resolve_compile,
     resolve_device,
     resolve_precision,
     training,
@@ -39,12 +41,33 @@ def test_precision_names():
         resolve_precision("fp16")
 
 
-def test_compile_is_suggested_only_for_long_bf16_runs_on_a_cpu():
+def test_compile_auto_turns_on_only_for_long_unquantized_bf16_runs_on_a_cpu():
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     assert compile_would_pay(COMPILE_PAYS_AFTER, cpu, "bf16")
     assert not compile_would_pay(COMPILE_PAYS_AFTER - 1, cpu, "bf16")
     assert not compile_would_pay(10 * COMPILE_PAYS_AFTER, cpu, "fp32")
     assert not compile_would_pay(10 * COMPILE_PAYS_AFTER, gpu, "bf16")  # never measured there
+    assert resolve_compile("auto", COMPILE_PAYS_AFTER, cpu, "bf16", quantized=False) == (
+        True, f"auto: {COMPILE_PAYS_AFTER} steps in bf16 on a CPU")  # this machine builds C++: the tests compile
+    assert not resolve_compile("auto", COMPILE_PAYS_AFTER, cpu, "bf16", quantized=True)[0]
+    assert not resolve_compile("auto", COMPILE_PAYS_AFTER - 1, cpu, "bf16", quantized=False)[0]
+    assert resolve_compile(True, 1, cpu, "fp32", quantized=True) == (True, "as asked")
+    assert resolve_compile(False, 10 * COMPILE_PAYS_AFTER, cpu, "bf16", quantized=False) == (False, "as asked")
+
+
+def test_compile_auto_stays_off_and_says_why_without_a_working_cpp_compiler():
+    import torch._inductor.config as inductor_config
+
+    compiler_problem.cache_clear()
+    torch._dynamo.reset()
+    try:
+        with inductor_config.patch({"cpp.cxx": ("/nonexistent/c++",)}):
+            compiled, why = resolve_compile("auto", COMPILE_PAYS_AFTER, torch.device("cpu"), "bf16", quantized=False)
+    finally:
+        compiler_problem.cache_clear()
+        torch._dynamo.reset()
+    assert not compiled
+    assert why.startswith("auto: torch.compile does not work here (") and "/nonexistent/c++" in why
 
 
 def test_device_names():

@@ -25,6 +25,13 @@ def test_file_plus_overrides_and_relative_data_path(tmp_path):
     assert cfg.data.train == str(tmp_path / "train.jsonl")  # relative to the config file
 
 
+def test_compile_takes_true_false_or_auto(tmp_path):
+    path = write(tmp_path, "data:\n  train: train.jsonl\n")
+    assert load_run_config(path).train.compile == "auto"  # the default
+    for value, expected in (("true", True), ("false", False), ("auto", "auto")):
+        assert load_run_config(path, ["--train.compile", value]).train.compile == expected
+
+
 @pytest.mark.parametrize("text, overrides, match", [
     ("data:\n  train: t.jsonl\nlora:\n  rank: 4\n", [], r"run.yaml: lora.rank: unknown key"),
     ("data:\n  train: t.jsonl\n", ["--train.lr", "fast"], r"train.lr: Input should be a valid number"),
@@ -33,6 +40,7 @@ def test_file_plus_overrides_and_relative_data_path(tmp_path):
     ("model:\n  name: x\n", [], r"data: required key is missing"),
     ("data:\n  train: t.jsonl\n", ["--train.steps"], r"--train.steps has no value"),
     ("data:\n  train: t.jsonl\n", ["--train.device", "tpu"], r"train: device must be auto, cpu, cuda or cuda:N"),
+    ("data:\n  train: t.jsonl\n", ["--train.compile", "sometimes"], r"train: compile must be true, false or auto"),
     ("data:\n  train: t.jsonl\n", ["--out.dir", "x"], r"out: takes a value, not keys under it \(--out VALUE\)"),
     ("data: [1, 2\n", [], r"not valid YAML"),
     ("data:\n  train: t.jsonl\nmodel:\n  task: regression\n", [], r"model: task must be"),

@@ -13,6 +13,7 @@ rounding (tests compare the two). `precision="bf16"` casts the frozen weights to
 from __future__ import annotations
 
 import contextlib
+import functools
 from pathlib import Path
 
 import torch
@@ -143,8 +144,33 @@ def prepare(model: nn.Module, precision: str, checkpointing: bool = False, compi
 
 def compile_would_pay(steps: int, device: torch.device, precision: str) -> bool:
     """True for a run long enough that compiled blocks likely save more than compiling costs (bf16 on a CPU, the
-    only place it was measured); `lorafit train` then suggests `train.compile`, which stays opt-in."""
+    only place it was measured)."""
     return device.type == "cpu" and precision == "bf16" and steps >= COMPILE_PAYS_AFTER
+
+
+def resolve_compile(requested: bool | str, steps: int, device: torch.device, precision: str,
+                    quantized: bool) -> tuple[bool, str]:
+    """(compile the blocks?, why) for train.compile: true and false as asked; "auto" compiles an unquantized model
+    for a run where `compile_would_pay`, once a tiny function compiled and ran here (`compiler_works`)."""
+    if requested != "auto":
+        return bool(requested), "as asked"
+    if quantized or not compile_would_pay(steps, device, precision):
+        return False, (f"auto: measured to pay only for {COMPILE_PAYS_AFTER}+ steps in bf16 on a CPU, "
+                       "unquantized")
+    problem = compiler_problem()
+    if problem:
+        return False, f"auto: torch.compile does not work here ({problem})"
+    return True, f"auto: {steps} steps in bf16 on a CPU"
+
+
+@functools.cache
+def compiler_problem() -> str:
+    """"" when torch.compile (inductor, which builds C++ on a CPU) compiles and runs a tiny function, else why not."""
+    try:
+        doubled = torch.compile(lambda x: x * 2.0 + 1.0, dynamic=False)(torch.ones(8))
+    except Exception as error:  # a missing or broken C++ compiler shows up as any of several error types
+        return f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200] if str(error).strip() else ''}"
+    return "" if torch.equal(doubled, torch.full((8,), 3.0)) else "a compiled test function gave a wrong result"
 
 
 def compile_model_blocks(model: nn.Module) -> int:

@@ -63,7 +63,8 @@ class TrainConfig:
     tensorboard: bool = False  # also write TensorBoard scalars under out/tensorboard
     precision: str = "auto"  # "bf16": frozen base in bf16, LoRA in fp32; "fp32": exact; "auto": bf16 where fast
     checkpointing: bool = False  # recompute each block's activations during backward: less memory, ~1/3 more work
-    compile: bool = False  # torch.compile each transformer block: 40-60 s of compiling first, then faster steps
+    compile: bool | str = "auto"  # torch.compile each block: 40-60 s of compiling, then faster steps; "auto": for
+    # runs long enough that it pays (bf16 on a CPU, unquantized, a working C++ compiler)
     device: str = "auto"  # "cpu", "cuda" / "cuda:N", or "auto": the GPU where CUDA has one, else the CPU
 
     def __post_init__(self) -> None:
@@ -73,6 +74,8 @@ class TrainConfig:
         for name in ("warmup_steps", "eval_every", "save_every", "clip", "weight_decay"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not (self.compile is True or self.compile is False or self.compile == "auto"):
+            raise ConfigError(f"compile must be true, false or auto, got {self.compile!r}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", self.device):

@@ -27,12 +27,11 @@ from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import Example, batches, encode, label_set, load_splits
 from .evaluate import mean_loss, score
 from .fast import (
-    COMPILE_PAYS_AFTER,
     autocast,
-    compile_would_pay,
     dtype_for,
     evaluation,
     prepare,
+    resolve_compile,
     resolve_device,
     resolve_precision,
     training,
@@ -58,8 +57,10 @@ def train(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] = pri
     labels = label_set(train_rows, val_rows) if cfg.model.task == "classification" else None
     device = resolve_device(cfg.train.device)
     precision = resolve_precision(cfg.train.precision, device)
-    cfg = replace(cfg, train=replace(cfg.train, precision=precision))  # from here on: "bf16" or "fp32"
+    compiled, why = resolve_compile(cfg.train.compile, cfg.train.steps, device, precision, cfg.model.quantize != "none")
+    cfg = replace(cfg, train=replace(cfg.train, precision=precision, compile=compiled))  # from here on: resolved
     model, tokenizer = _load_model(cfg, labels, device, log)
+    log(f"compile: {'on' if compiled else 'off'} ({why})")
     train_set = encode(train_rows, fmt, tokenizer, cfg.data, labels)
     val_set = encode(val_rows, fmt, tokenizer, cfg.data, labels)
     eval_rows, eval_set = val_rows[:cfg.eval.limit], val_set[:cfg.eval.limit]
@@ -129,9 +130,6 @@ def _set_up_training(cfg: RunConfig, model: nn.Module, train_set: list[Example],
     report["halved_products"] = rowsplit.describe(halved)  # frozen products timed faster in halves of rows
     if halved:
         log(f"frozen products computed in halves of rows (timed faster on this CPU): {report['halved_products']}")
-    if not t.compile and compile_would_pay(t.steps, next(model.parameters()).device, t.precision):
-        log(f"hint: for {t.steps} steps, --train.compile true is likely faster (a minute of compiling "
-            f"first; it paid for itself after about {COMPILE_PAYS_AFTER} steps on SmolLM2)")
     log(f"method: {cfg.method.name}; {lorafit.trainable_report(model)}")
     if cfg.method.name == "mezo":  # forward passes only: no gradients, no optimizer state
         return MeZO([p for _, p in trainable_parameters(model)], t.lr, cfg.method.mezo_eps, t.weight_decay, t.seed)
