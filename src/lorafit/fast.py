@@ -151,7 +151,7 @@ def compile_would_pay(steps: int, device: torch.device, precision: str) -> bool:
 def resolve_compile(requested: bool | str, steps: int, device: torch.device, precision: str,
                     quantized: bool) -> tuple[bool, str]:
     """(compile the blocks?, why) for train.compile: true and false as asked; "auto" compiles an unquantized model
-    for a run where `compile_would_pay`, once a tiny function compiled and ran here (`compiler_works`)."""
+    for a run where `compile_would_pay`, once a tiny function compiled and ran here (`compiler_problem`)."""
     if requested != "auto":
         return bool(requested), "as asked"
     if quantized or not compile_would_pay(steps, device, precision):
@@ -169,7 +169,8 @@ def compiler_problem() -> str:
     try:
         doubled = torch.compile(lambda x: x * 2.0 + 1.0, dynamic=False)(torch.ones(8))
     except Exception as error:  # a missing or broken C++ compiler shows up as any of several error types
-        return f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200] if str(error).strip() else ''}"
+        message = str(error).strip()
+        return f"{type(error).__name__}: {message.splitlines()[0][:200]}" if message else type(error).__name__
     return "" if torch.equal(doubled, torch.full((8,), 3.0)) else "a compiled test function gave a wrong result"
 
 
