@@ -1,5 +1,6 @@
 """The learning-rate schedule as a pure function, and the optimizer over trainable parameters only."""
 
+import copy
 import math
 
 import pytest
@@ -33,3 +34,22 @@ def test_optimizer_without_trainable_parameters_is_an_error():
     model = torch.nn.Linear(2, 2).requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
         make_optimizer(model, 1e-3, 0.0)
+
+
+def test_optimizer_is_fused_and_steps_like_the_per_tensor_adamw():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 3))
+    lorafit.inject(model, lorafit.LoraConfig(r=2, targets=["0", "1"]))
+    twin = copy.deepcopy(model)
+    fused = make_optimizer(model, lr=1e-2, weight_decay=0.1)
+    plain = torch.optim.AdamW([p for p in twin.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1,
+                              foreach=False)
+    assert fused.defaults["fused"]
+    x = torch.randn(4, 6)
+    for _ in range(3):
+        for m, opt in ((model, fused), (twin, plain)):
+            m(x).square().sum().backward()
+            opt.step()
+            opt.zero_grad()
+    for (name, a), b in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, msg=name)

@@ -25,12 +25,21 @@ def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
 
 
+FUSED_DEVICES = ("cpu", "cuda")  # where PyTorch has a fused AdamW kernel
+
+
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters only: the frozen base carries no optimizer state at all."""
+    """AdamW over the trainable parameters only: the frozen base carries no optimizer state at all.
+
+    PyTorch's fused kernel updates every parameter in one pass where it has one (the same update as the
+    per-tensor loop, which is PyTorch's default on a CPU, and the default of transformers' Trainer). A LoRA step
+    of SmolLM2 (120 small tensors) spent 4.0-4.4 ms in AdamW with the loop, 1.05-1.1 ms fused (AMX CPU).
+    """
     params = [p for _, p in trainable_parameters(model)]
     if not params:
         raise ValueError("the model has no trainable parameters: inject an adapter first")
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    fused = all(p.device.type in FUSED_DEVICES and p.is_floating_point() for p in params)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
