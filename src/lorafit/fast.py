@@ -181,10 +181,15 @@ def compile_model_blocks(model: nn.Module) -> int:
     fp32, rotary embeddings, SiLU times up-projection, dtype casts), each a pass over memory; inductor fuses them.
     One block's code serves all of them, compiled once with dynamic shapes (batches differ in length). The price
     is the first step: tens of seconds of compiling, so it pays on longer runs.
+
+    On a CPU the code that calls each block's kernels is C++ too (inductor's `cpp_wrapper`): in Python it spent
+    about 1 ms per block call allocating and viewing buffers. SmolLM2, 8 x 128 tokens, AMX CPU, two models in one
+    process stepping in turn (both orders, twice): 1.1-3.0% faster per step; the first step compiles 4 s longer.
     """
     from .methods.select import blocks_of
 
     _, blocks = blocks_of(model)
+    on_cpu = next(model.parameters()).device.type == "cpu"
     for block in blocks:
-        block.compile(dynamic=True)
+        block.compile(dynamic=True, options={"cpp_wrapper": True} if on_cpu else None)
     return len(blocks)
