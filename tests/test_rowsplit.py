@@ -48,6 +48,16 @@ def test_halved_bf16_products_equal_the_whole_bf16_product():
     torch.testing.assert_close(whole.float(), x.float() @ weight.float().T, rtol=0.01, atol=0.05)
 
 
+@pytest.mark.parametrize("layout", ["transposed", "offset rows", "every other column"])
+def test_halved_products_of_strided_views_equal_the_plain_product(layout):
+    """The first half is taken as a strided view of the input: it must follow any layout, offset included."""
+    base = torch.randn(30, 21, dtype=torch.float64)
+    a = {"transposed": base[:8].T, "offset rows": base[5:26, :8], "every other column": base[4:15, ::2]}[layout]
+    b = torch.randn(a.shape[1], 6, dtype=torch.float64)
+    assert not a.is_contiguous() or a.storage_offset() > 0
+    torch.testing.assert_close(rowsplit.product(a, b, halves=True), a @ b, rtol=1e-12, atol=1e-12)
+
+
 def test_linear_refuses_a_trainable_weight():
     with pytest.raises(ValueError, match="must be frozen"):
         rowsplit.linear(torch.randn(2, 3), nn.Parameter(torch.randn(4, 3)), None, (True, True))
