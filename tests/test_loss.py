@@ -1,5 +1,7 @@
 """The chunked next-token loss against the plain computation: float64 cross-entropy and transformers' own loss."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -44,6 +46,34 @@ def test_linear_cross_entropy_under_bf16_autocast_stays_near_the_float64_loss(bi
     (ref_grad,) = torch.autograd.grad(ref, h64)
     torch.testing.assert_close(loss.double(), ref, rtol=2e-2, atol=2e-2)  # bf16 logits: about 3 digits
     torch.testing.assert_close(grad.double(), ref_grad, rtol=5e-2, atol=2e-3)
+
+
+def test_bf16_loss_with_a_gradient_is_the_fp32_softmax_loss_to_the_rounding_of_a_probability():
+    """With a gradient to compute, bf16 logits go through a bf16-writing softmax and the loss is -log of each
+    target's bf16 probability; without one, the fp32 passes run. Same logits both ways (same products)."""
+    gen = torch.Generator().manual_seed(3)
+    hidden = torch.randn(300, 64, generator=gen).bfloat16()
+    weight = torch.randn(1000, 64, generator=gen).div(3).bfloat16()
+    targets = torch.randint(0, 1000, (300,), generator=gen)
+    exact = linear_cross_entropy(hidden, weight, targets)  # no gradient: fp32 softmax over the same logits
+    loss = linear_cross_entropy(hidden.clone().requires_grad_(), weight, targets)
+    assert loss.dtype == torch.float32 and 2.0 < exact.item() < 20.0
+    assert abs(loss.item() - exact.item()) < 2**-8  # per token at most the relative rounding of a bf16 number
+    assert loss.item() != exact.item()  # the two paths did differ (else this test checks nothing)
+
+
+def test_a_probability_that_underflows_bf16_takes_its_loss_from_the_logits():
+    hidden = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).bfloat16().requires_grad_()
+    weight = torch.tensor([[200.0, 0.0], [-100.0, 0.0], [0.0, 1.0]]).bfloat16()  # target 1 of row 0: 300 below
+    targets = torch.tensor([1, 2])
+    loss = linear_cross_entropy(hidden, weight, targets)
+    (grad,) = torch.autograd.grad(loss, hidden)
+    h64 = hidden.detach().double().requires_grad_()
+    ref = F.cross_entropy(h64 @ weight.double().T, targets)
+    (ref_grad,) = torch.autograd.grad(ref, h64)
+    assert math.isfinite(loss.item())
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-2, atol=1e-2)
 
 
 def test_linear_cross_entropy_refuses_a_trainable_output_layer():
