@@ -107,9 +107,9 @@ def _loss_and_grad(hidden, weight, targets, bias, chunk: int, want_grad: bool):
     block_rows = min(n, max(1, PRODUCT_BYTES // (vocab * w.element_size())))
     product = _scratch("product", block_rows, vocab, dtype, device)  # a block's logits, then their gradient
     low_precision = want_grad and dtype != torch.float32  # see `_probabilities_pass`
-    logits = None if dtype == torch.float32 or low_precision else _scratch("logits", min(chunk, n), vocab,
-                                                                           torch.float32, device)
     probs = _scratch("probs", min(GRADIENT_ROWS, n), vocab, dtype, device) if low_precision else None
+    fp32_copy = dtype != torch.float32 and not low_precision  # `_softmax_pass` works in an fp32 copy
+    logits = _scratch("logits", min(chunk, n), vocab, torch.float32, device) if fp32_copy else None
     total = torch.zeros((), dtype=torch.float32, device=device)
     grad = torch.empty(n, hidden.shape[1], dtype=dtype, device=device) if want_grad else None
     for start in range(0, n, block_rows):
