@@ -8,26 +8,38 @@
     with lorafit.disabled(model): ...
 """
 
-from .adapter_io import AdapterFileError, adapter_state, load_adapter, read_adapter, save_adapter
-from .config import ConfigError, LoraConfig
-from .lora import LoraEmbedding, LoraLayer, LoraLinear, LowRank, LowRankEmbedding
-from .merge import merge, merged_weight, unload, unmerge
-from .surgery import (
+from .core import (
+    AdapterFileError,
+    ConfigError,
+    LoraConfig,
+    LoraEmbedding,
+    LoraLayer,
+    LoraLinear,
+    LowRank,
+    LowRankEmbedding,
     TargetError,
+    __version__,
     adapter_names,
+    adapter_state,
     delete_adapter,
     disabled,
     find_targets,
     inject,
+    load_adapter,
     lora_layers,
+    merge,
+    merged_weight,
+    read_adapter,
+    save_adapter,
     set_adapter,
     trainable_report,
+    unload,
+    unmerge,
 )
 
-__version__ = "0.1.0"
-
 __all__ = [
-    "AdapterFileError", "ConfigError", "LoraConfig", "LoraEmbedding", "LoraLayer", "LoraLinear", "LowRank",
+    "__version__", "AdapterFileError", "ConfigError", "LoraConfig", "LoraEmbedding", "LoraLayer", "LoraLinear",
+    "LowRank",
     "LowRankEmbedding", "TargetError", "adapter_names", "adapter_state", "delete_adapter", "disabled",
     "find_targets", "inject", "load_adapter", "lora_layers", "merge", "merged_weight", "read_adapter",
     "save_adapter", "set_adapter", "trainable_report", "unload", "unmerge",

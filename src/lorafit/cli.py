@@ -39,7 +39,7 @@ def reproduce_flip(
     out: Annotated[Path, typer.Option(help="output folder")] = Path("runs/flip"),
 ):
     """The first talk's experiment: base vs LoRA vs full vs last-layer fine-tuning on flipped images."""
-    from .experiments.flip import FlipConfig, format_table, run
+    from .tools.experiments.flip import FlipConfig, format_table, run
 
     cfg = FlipConfig(data=data, flip=flip, rank=rank, fraction=fraction, seed=seed, base_epochs=base_epochs,
                      tune_epochs=tune_epochs, out=out, classes=tuple(int(c) for c in classes.split(",")))
@@ -55,11 +55,13 @@ def train(ctx: typer.Context,
           precision: Annotated[str | None, typer.Option(help="auto, bf16 or fp32 (= --train.precision)")] = None,
           quantize: Annotated[str | None, typer.Option(help="none, nf4, int8 or gguf (= --model.quantize)")] = None):
     """Fine-tune a LoRA adapter as CONFIG says; extra `--section.key value` options override the file."""
-    from .runconfig import load_run_config
-    from .train import train as run
+    from .training.config import load_run_config
+    from .training.cpu.memory import keep_freed_memory
+    from .training.recipe import train as run
 
     cfg = load_run_config(config, [*ctx.args, *(["--train.precision", precision] if precision else []),
                                    *(["--model.quantize", quantize] if quantize else [])])
+    keep_freed_memory()  # this process only trains: each step reuses what the last one freed (the run reports it)
     report = run(cfg, resume=resume, log=log)
     _print_before_after(report)
 
@@ -83,8 +85,8 @@ def evaluate(ctx: typer.Context,
              adapter: Annotated[list[Path] | None, typer.Option(help="adapter folder(s); default: OUT/adapter")] = None,
              base: Annotated[bool, typer.Option(help="score the base model too")] = True):
     """Score the base model and each adapter side by side on the config's validation split."""
-    from .evaluate import evaluate_adapters
-    from .runconfig import load_run_config
+    from .tools.compare import evaluate_adapters
+    from .training.config import load_run_config
 
     cfg = load_run_config(config, ctx.args)
     rows = evaluate_adapters(cfg, [str(a) for a in adapter or [Path(cfg.out) / "adapter"]], base, log)
@@ -106,8 +108,8 @@ def generate(prompt: Annotated[list[str], typer.Argument(help="prompt(s); each i
              temperature: Annotated[float, typer.Option(help="0: greedy")] = 0.0,
              quantize: Quantize = "none"):
     """Generate, streaming tokens, with each adapter in turn (or none)."""
-    from . import generate as gen
-    from .surgery import disabled, set_adapter
+    from .core.surgery import disabled, set_adapter
+    from .inference import generate as gen
 
     net, tokenizer, names = gen.load_with_adapters(model, [] if no_adapter else [str(a) for a in adapter or []],
                                                    quantize=quantize)
@@ -134,7 +136,7 @@ def chat(adapter: Annotated[Path | None, typer.Option(help="adapter folder")] = 
          temperature: Annotated[float, typer.Option(help="0: greedy")] = 0.0,
          quantize: Quantize = "none"):
     """Talk to the model in the terminal (empty line or Ctrl-D ends); answers stream as they are generated."""
-    from . import generate as gen
+    from .inference import generate as gen
 
     net, tokenizer, _ = gen.load_with_adapters(model, [str(adapter)] if adapter else [], quantize=quantize)
     history: list[dict] = []
@@ -165,7 +167,7 @@ def merge(adapter: Annotated[Path, typer.Option(help="adapter folder")],
           quantize_embeddings: Annotated[bool, typer.Option(help="the embedding table too, as quantized in training "
                                                             "(model.quantize_embeddings)")] = False):
     """Fold the adapter into the base weights and write a plain model folder (safetensors, config, tokenizer)."""
-    from . import generate as gen
+    from .inference import generate as gen
     from .methods import check_mergeable
     from .models import save_merged
 
@@ -190,10 +192,13 @@ def models():
     """List the built-in model presets and whether they are cached."""
     from .models import cache_dir, list_models
 
+    rows = list_models()
     table = Table(title=f"presets (cache: {cache_dir()})")
-    for column in ("name", "task", "params", "cached", "description"):
-        table.add_column(column)
-    for row in list_models():
+    table.add_column("name", no_wrap=True, min_width=max(len(row["name"]) for row in rows))  # whole, to copy
+    for column in ("task", "params", "cached"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("description")  # the only column that wraps in a narrow terminal
+    for row in rows:
         table.add_row(row["name"], row["task"], row["params"], "yes" if row["cached"] else "no", row["description"])
     Console().print(table)
 
@@ -215,7 +220,7 @@ def bench_train(
     keep_freed_memory: Annotated[bool, typer.Option(
         help="every setup with glibc keeping freed memory for reuse (lorafit train does this)")] = False):
     """lorafit's training step against PEFT's (best and fp32) and full fine-tuning, interleaved, same batches."""
-    from .bench.train import TrainBench, format_table, run
+    from .tools.bench.train import TrainBench, format_table, run
 
     extra = {"data": str(data)} if data else {}
     cfg = TrainBench(model=model, batch_size=batch_size, seq_len=seq_len, r=r, targets=targets.split(","),
@@ -242,7 +247,7 @@ def bench_latency(
     repeats: Annotated[int, typer.Option(help="timed forward passes per model and setting")] = 50,
     out: Annotated[Path, typer.Option(help="output folder")] = Path("runs/bench-latency")):
     """Forward latency: base, Houlsby adapters, unmerged and merged LoRA (interleaved medians, overhead in %)."""
-    from .bench.latency import LatencyBench, format_table, parse_settings, run
+    from .tools.bench.latency import LatencyBench, format_table, parse_settings, run
 
     cfg = LatencyBench(model=model, batch_size=batch_size, seq_len=seq_len,
                        settings=parse_settings(settings) if settings else None, shrink=shrink, r=r,
@@ -264,8 +269,8 @@ def plan(source: Annotated[str, typer.Argument(help="preset (gpt2, gpt2-medium, 
          checkpointing: Annotated[bool, typer.Option(help="assume full gradient checkpointing")] = False,
          out: Annotated[Path, typer.Option(help="folder for plan.json, plan.md, plan.png")] = Path("runs/plan")):
     """Parameters, adapter file size and training memory (full, LoRA, QLoRA) from a model config; no weights."""
-    from .plan import plan as make_plan
-    from .plan_report import format_plan, write_report
+    from .tools.plan import plan as make_plan
+    from .tools.plan_report import format_plan, write_report
 
     result = make_plan(source, r=r, alpha=alpha, targets=targets.split(",") if targets else None,
                        batch_size=batch_size, seq_len=seq_len, adapter_dtype=adapter_dtype, checkpointing=checkpointing)
@@ -284,12 +289,12 @@ def analyze(adapter: Annotated[Path, typer.Argument(help="adapter folder")],
             seed: Annotated[int, typer.Option(help="seed of the random directions in the amplification table")] = 0,
             out: Annotated[Path, typer.Option(help="output folder")] = Path("runs/analyze")):
     """What the adapter learned (Hu et al. 2021, section 7): ΔW spectra, subspace similarity, amplification."""
-    from .analyze import analyze as run
-    from .analyze_report import format_tables, write_report
+    from .tools.analyze import analyze as run
+    from .tools.analyze_report import format_tables, write_report
 
     weights = None
     if not no_base:
-        from .generate import base_model_of, task_of
+        from .inference.generate import base_model_of, task_of
         from .models import load_model
 
         name = base or base_model_of(adapter)
@@ -315,8 +320,8 @@ def sweep(ctx: typer.Context,
     """Ablation grid from one config: each cell trains in its own process; finished cells are not re-run.
 
     Extra `--section.key value` options apply to every cell (e.g. --train.steps 50)."""
-    from .sweep import format_table
-    from .sweep import sweep as run
+    from .tools.sweep import format_table
+    from .tools.sweep import sweep as run
 
     result = run(config, grid or ["rank"], out, extra=list(ctx.args), family=family,
                  only=only.split(",") if only else None, log=log)
@@ -327,7 +332,7 @@ def sweep(ctx: typer.Context,
 @app.command()
 def inspect(adapter: Annotated[Path, typer.Argument(help="adapter folder")]):
     """Show an adapter's config and tensors (reads safetensors only)."""
-    from .adapter_io import read_adapter
+    from .core.adapter_io import read_adapter
 
     cfg, tensors = read_adapter(adapter)
     log(f"r={cfg.r} alpha={cfg.alpha} scale={cfg.scale:g} targets={cfg.targets} base={cfg.base_model}")
@@ -338,9 +343,7 @@ def inspect(adapter: Annotated[Path, typer.Argument(help="adapter folder")]):
 
 def main() -> None:
     """Entry point: user mistakes print one clear line (set LORAFIT_DEBUG=1 for the traceback)."""
-    from .adapter_io import AdapterFileError
-    from .config import ConfigError
-    from .surgery import TargetError
+    from .core import AdapterFileError, ConfigError, TargetError
 
     try:
         app(prog_name="lorafit")

@@ -34,12 +34,12 @@ attend across example boundaries inside a row, as in common LM packing. Packed e
 longer than `max_length` runs on into the next row (overflow="error" still rejects it).
 """
 
-from .batch import batches, collate
+from .batch import batches, collate, to_device
 from .encode import ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT, IGNORE, Example, encode, pack, prompt_and_answer, prompt_ids
 from .rows import FORMATS, REQUIRED, DataConfig, DataError, Row, Rows, label_set, load_splits, read_rows
 
 __all__ = [
     "ALPACA_PROMPT", "ALPACA_PROMPT_NO_INPUT", "FORMATS", "IGNORE", "REQUIRED", "DataConfig", "DataError", "Example",
     "Row", "Rows", "batches", "collate", "encode", "label_set", "load_splits", "pack", "prompt_and_answer",
-    "prompt_ids", "read_rows",
+    "prompt_ids", "read_rows", "to_device",
 ]  # fmt: skip

@@ -11,10 +11,9 @@ import torch
 from .encode import IGNORE, Example
 
 # Batches are padded to a multiple of this many tokens. On CPU, every new sequence length makes oneDNN build (and
-# keep) new matmul primitives: with free lengths the process grew ~10 MB per step for dozens of steps; in buckets
-# of 16 the fine-tuning example trains in ~400 MB less (README, QLoRA section). Speed: equal or faster in 30-step
-# probes, 9% slower over 100 steps on a busy machine; padding adds 8.8% tokens on that data.
-# The padding is masked out and labelled IGNORE: results are the same.
+# keep) new matmul primitives, so free lengths grow the process step after step; buckets of 16 keep it flat for a
+# few padding tokens (docs/performance.md has the figures). The padding is masked out and labelled IGNORE: results
+# are the same.
 PAD_MULTIPLE = 16
 
 
@@ -51,3 +50,8 @@ def batches(examples: list[Example], batch_size: int, pad_id: int, shuffle: bool
     order = np.random.default_rng([seed, epoch]).permutation(len(examples)) if shuffle else np.arange(len(examples))
     for b in range(start, math.ceil(len(examples) / batch_size)):
         yield collate([examples[i] for i in order[b * batch_size:(b + 1) * batch_size]], pad_id)
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """`batch` with its tensors on `device` (batches are built on the CPU; no copy when they are there already)."""
+    return {key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}

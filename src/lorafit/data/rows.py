@@ -130,7 +130,7 @@ def _csv_records(path: Path) -> Iterator[tuple[int, dict | str]]:
 def _parquet_records(path: Path) -> Iterator[tuple[int, dict | str]]:
     """(row index, {column: value}) per Parquet row; nulls read as missing fields."""
     try:
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # heavy: only Parquet files need it
     except ImportError:
         raise DataError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from None
     try:

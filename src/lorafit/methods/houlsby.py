@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .select import MethodError
+from .registry import Method, MethodError, register
+from .select import train_head
 
 ADAPTER = "houlsby"  # the child-module name: parameters are `<sublayer>.houlsby.{down,up}.{weight,bias}`
 DOWN_STD = 1e-2  # the paper's init: zero-mean Gaussian, std 1e-2, truncated at two standard deviations
@@ -183,3 +184,14 @@ def remove_houlsby(model: nn.Module) -> None:
 def houlsby_parameter_count(model: nn.Module) -> int:
     """Parameters in the model's Houlsby adapters (layers × targets × (2·d·m + d + m))."""
     return sum(p.numel() for m in model.modules() if isinstance(m, HoulsbyAdapter) for p in m.parameters())
+
+
+def _setup(model: nn.Module, options, lora) -> None:
+    model.requires_grad_(False)
+    add_houlsby(model, bottleneck=options.bottleneck)  # the adapters' parameters train
+    train_head(model)
+
+
+register(Method("adapter", "Houlsby bottleneck adapters after attention and MLP (Houlsby et al. 2019)",
+                setup=_setup, add_modules=lambda model, options: add_houlsby(model, bottleneck=options.bottleneck),
+                remove_modules=remove_houlsby, mergeable=False))

@@ -1,20 +1,15 @@
 """The in-context baseline: k training examples in the prompt, no training (the "few-shot vs fine-tuning" table).
 
 Every validation question is asked after the same k solved examples drawn from the training split, as earlier
-turns of one conversation (user question, assistant answer, ...). Scored by exact match like a trained adapter.
+turns of one conversation (user question, assistant answer, ...). Scored by exact match like a trained adapter
+(lorafit.inference.scoring.in_context_score); this file builds the prompts.
 """
 
 from __future__ import annotations
 
-import random
-from collections.abc import Callable
-
-from torch import nn
-
 from ..data import Row
 from ..data.encode import instruction_messages
-from ..evaluate import exact_match, generate, normalize
-from .select import MethodError
+from .registry import Method, MethodError, register
 
 
 def _messages(row: Row, fmt: str) -> list[dict]:
@@ -40,17 +35,5 @@ def few_shot_prompts(rows: list[Row], shots: list[Row], fmt: str, tokenizer) -> 
     return pairs
 
 
-def in_context_score(model: nn.Module, tokenizer, rows: list[Row], train_rows: list[Row], fmt: str, k: int,
-                     batch_size: int, max_new_tokens: int, seed: int = 0,
-                     log: Callable[[str], None] = print) -> dict:
-    """Exact match of the frozen model with `k` training examples in every prompt."""
-    if k > len(train_rows):
-        raise MethodError(f"in-context: shots={k} but the training split has {len(train_rows)} rows")
-    shots = random.Random(seed).sample(list(train_rows), k)
-    pairs = few_shot_prompts(rows, shots, fmt, tokenizer)
-    predictions = generate(model, tokenizer, [p for p, _ in pairs], max_new_tokens, batch_size)
-    value = exact_match(predictions, [a for _, a in pairs])
-    log(f"exact_match with {k} examples in the prompt: {value:.2f} on {len(rows)} validation rows")
-    samples = [{"prompt": p, "answer": a, "prediction": pred, "hit": normalize(a) == normalize(pred)}
-               for (p, a), pred in zip(pairs, predictions)]
-    return {"metric": "exact_match", "value": value, "shots": k, "samples": samples[:20]}
+register(Method("in-context", "no training: k solved examples in each prompt",
+                setup=lambda model, options, lora: model.requires_grad_(False), trains=False))

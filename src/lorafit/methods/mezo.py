@@ -16,6 +16,9 @@ from collections.abc import Callable
 
 import torch
 
+from ..core.surgery import inject
+from .registry import Method, register
+
 
 class MeZO(torch.optim.Optimizer):
     """Zeroth-order SGD as a torch optimizer: `step(closure)` calls the loss closure twice, under no_grad.
@@ -55,3 +58,20 @@ class MeZO(torch.optim.Optimizer):
         state["step"] += 1
         state["projected_grad"] = projected
         return loss_plus
+
+
+def _uses_lora(options) -> bool:
+    return options.mezo_params == "lora"
+
+
+def _setup(model: torch.nn.Module, options, lora) -> None:
+    if _uses_lora(options):
+        inject(model, lora)
+    else:
+        model.requires_grad_(True)
+
+
+register(Method("mezo", "forward-only zeroth-order optimiser over LoRA or all parameters (Malladi et al. 2023)",
+                setup=_setup, uses_lora=_uses_lora, trains_base=lambda options: not _uses_lora(options),
+                optimizer=lambda params, lr, weight_decay, seed, options: MeZO(params, lr, options.mezo_eps,
+                                                                                weight_decay, seed)))

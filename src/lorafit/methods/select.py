@@ -8,24 +8,10 @@ from __future__ import annotations
 
 from torch import nn
 
-HEADS = ("classifier", "score")  # the new classification head of transformers' *ForSequenceClassification
+from ..core.anatomy import blocks_of, head_of
+from .registry import Method, MethodError, register
 
-
-class MethodError(ValueError):
-    """A method that cannot apply to this model; the message says why and what to use instead."""
-
-
-def head_of(model: nn.Module) -> str | None:
-    """The name of a classifier's new (randomly initialised) head, which every method must train; else None."""
-    return next((name for name in HEADS if isinstance(getattr(model, name, None), nn.Module)), None)
-
-
-def blocks_of(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """(path, list) of the transformer blocks: the longest nn.ModuleList in the model (layers / h / layer)."""
-    lists = [(path, m) for path, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
-    if not lists:
-        raise MethodError(f"{type(model).__name__}: no list of transformer blocks found (no nn.ModuleList)")
-    return max(lists, key=lambda item: len(item[1]))
+__all__ = ["MethodError", "blocks_of", "head_of", "train_all", "train_biases", "train_head", "train_top_blocks"]
 
 
 def train_all(model: nn.Module) -> None:
@@ -88,3 +74,16 @@ def train_biases(model: nn.Module) -> int:
         p.requires_grad_(True)
     train_head(model)
     return sum(p.numel() for p in biases)
+
+
+def _trains_base(options) -> bool:
+    return True
+
+
+register(Method("full", "every parameter trains", setup=lambda model, options, lora: train_all(model),
+                trains_base=_trains_base))
+register(Method("freeze", "only the top K blocks (plus final norm and a classifier's head): partial freezing",
+                setup=lambda model, options, lora: train_top_blocks(model, options.top_blocks),
+                trains_base=_trains_base))
+register(Method("bitfit", "only the biases (Ben Zaken et al. 2022)",
+                setup=lambda model, options, lora: train_biases(model), trains_base=_trains_base))

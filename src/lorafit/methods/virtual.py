@@ -9,8 +9,8 @@ prefix  n trainable keys and values go in front of every attention layer's own k
         in training and in generation alike).
 
 Both live in one child module, `model.lorafit_virtual`; the base state-dict keys do not change. Every place a
-batch meets the model (training loss, evaluation, generation) passes it through `virtual_inputs`, which moves it
-to the model's device and is otherwise a no-op for a model without virtual tokens.
+batch meets the model (training loss, evaluation, generation) passes it through `virtual_inputs` (by way of
+`lorafit.methods.model_inputs`), a no-op for a model without virtual tokens.
 
 Initialisation (init="vocab", the default): prompt vectors are copies of the embeddings of n random vocabulary
 tokens, Lester et al.'s better-performing init (§3.2, "sampled vocab"); prefix keys/values are the ones the
@@ -27,7 +27,9 @@ import inspect
 import torch
 from torch import nn
 
-from .select import MethodError, head_of
+from ..core.anatomy import head_of
+from .registry import Method, MethodError, register
+from .select import train_head
 
 VIRTUAL = "lorafit_virtual"  # the child module's name on the top-level model (parameters: lorafit_virtual.*)
 KINDS = ("prefix", "prompt")
@@ -55,7 +57,7 @@ class VirtualTokens(nn.Module):
 
     def cache(self, batch: int, dtype: torch.dtype, config):
         """A fresh DynamicCache holding the prefix for `batch` sequences (fresh each call: the model appends to it)."""
-        from transformers import DynamicCache
+        from transformers import DynamicCache  # heavy (seconds to import): only this path needs it
 
         cache = DynamicCache(config=config)
         for i, (k, v) in enumerate(zip(self.keys, self.values)):
@@ -140,7 +142,7 @@ def _model_kv(model: nn.Module, ids: torch.Tensor) -> list[tuple[torch.Tensor, t
 
     Running the model gives the cache layout (heads, head size, number of layers) of any architecture for free.
     """
-    from transformers import Cache
+    from transformers import Cache  # heavy (seconds to import): only this path needs it
 
     was_training = model.training
     model.eval()  # no dropout in the init
@@ -174,12 +176,6 @@ def _checkpointing(model: nn.Module) -> bool:
     return bool(getattr(model, name, False))
 
 
-def on_device(model: nn.Module, batch: dict) -> dict:
-    """`batch` with its tensors on the model's device (batches are built on the CPU; no copy when they match)."""
-    device = next(model.parameters()).device
-    return {key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}
-
-
 def virtual_inputs(model: nn.Module, batch: dict) -> tuple[dict, int]:
     """(model kwargs, drop) for `batch` (input_ids, attention_mask, optional labels / token_type_ids /
     position_ids): the virtual tokens put in; `drop` = the leading output positions that are virtual (n for
@@ -189,7 +185,6 @@ def virtual_inputs(model: nn.Module, batch: dict) -> tuple[dict, int]:
     virtual position predicts the first real token, as in the model's own loss); class labels are unchanged.
     prefix: input_ids stay; the cache argument = a fresh cache holding the prefix; the mask gets n ones in front.
     """
-    batch = on_device(model, batch)
     virtual = virtual_tokens_of(model)
     if virtual is None:
         return batch, 0
@@ -221,3 +216,16 @@ def virtual_inputs(model: nn.Module, batch: dict) -> tuple[dict, int]:
         virtual_positions = torch.arange(n, device=ids.device).expand(b, n)  # (B, n)
         out["position_ids"] = torch.cat([virtual_positions, out["position_ids"]], dim=1)  # (B, n + T)
     return out, n
+
+
+def _setup(model: nn.Module, options, lora) -> None:
+    model.requires_grad_(False)
+    add_virtual_tokens(model, options.name, n=options.virtual_tokens)  # the virtual tokens train
+    train_head(model)
+
+
+for _kind, _summary in (("prefix", "trainable keys/values prepended at every layer (Li & Liang 2021)"),
+                        ("prompt", "trainable input embeddings prepended to the sequence (Lester et al. 2021)")):
+    register(Method(_kind, _summary, setup=_setup, mergeable=False, remove_modules=remove_virtual_tokens,
+                    add_modules=lambda model, options: add_virtual_tokens(model, options.name,
+                                                                          n=options.virtual_tokens)))

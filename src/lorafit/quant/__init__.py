@@ -5,27 +5,35 @@
 
 Only Linear layers inside the transformer blocks are quantized unless asked: norms always keep their dtype,
 the input embedding (`embeddings=True`) and an untied output head (`head=True`) only when asked; a head tied to
-the embedding shares its quantized table. Each quantized layer is a QuantLinear (lorafit/quant/linear.py) or a
-QuantEmbedding (lorafit/quant/embedding.py); a LoRA layer wrapping a QuantLinear dequantizes it on the fly
-(lorafit/lora.py). `dequantize_model` turns them all back into plain modules. Adapters do not depend on the
-base's storage: an adapter trained on an NF4 base loads onto the fp32 base and the other way round.
+the embedding shares its quantized table. Each quantized layer is a PackedLinear (lorafit/core/packed.py) or a
+QuantEmbedding (lorafit/quant/embedding.py) over a packed weight of one of the formats here (bnb.py, gguf.py);
+a LoRA layer wrapping a PackedLinear lets the weight compute its own product. `dequantize_model` turns them all
+back into plain modules. Adapters do not depend on the base's storage: an adapter trained on an NF4 base loads
+onto the fp32 base and the other way round.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..memory import c_library
+from ..core.anatomy import blocks_of
+from ..core.packed import PackedLinear, PackedWeight, packed_linear
+from ..core.surgery import lora_layers, replace_module
 from .bnb import Int8Weight, NF4Weight
 from .embedding import QuantEmbedding, input_embedding, swap_embedding
 from .gguf import GGUFError, keep_gguf_blocks
-from .linear import QuantLinear, QuantWeight, dequant_linear
 
 QUANTIZE = ("none", "nf4", "int8", "gguf")
 WEIGHT_TYPES = {"nf4": NF4Weight, "int8": Int8Weight}
+
+# The names this package gave the packed-weight protocol before the core took it over.
+QuantLinear, QuantWeight, dequant_linear = PackedLinear, PackedWeight, packed_linear
 
 __all__ = ["QUANTIZE", "GGUFError", "QuantEmbedding", "QuantLinear", "QuantWeight", "dequant_linear",
            "dequantize_model", "is_quantized", "keep_gguf_blocks", "model_bytes", "quantize_model",
@@ -41,8 +49,6 @@ def quantize_model(model: nn.Module, method: str, gguf_file: str | Path | None =
     int8); embeddings=True also quantizes the input embedding table, and a head tied to it with it (for gguf:
     the file's own token_embd blocks). Call it before injecting adapters; nothing changes when it raises.
     """
-    from ..surgery import lora_layers
-
     if method not in QUANTIZE or method == "none":
         raise ValueError(f"quantize must be one of {', '.join(QUANTIZE[1:])}, got {method!r}")
     if next(lora_layers(model), None) is not None:
@@ -63,19 +69,15 @@ def quantize_model(model: nn.Module, method: str, gguf_file: str | Path | None =
     return done
 
 
-def _quantize_blocks(model: nn.Module, weight_type: type[QuantWeight]) -> dict[str, str]:
-    from ..methods.select import blocks_of
-
+def _quantize_blocks(model: nn.Module, weight_type: type[PackedWeight]) -> dict[str, str]:
     path, blocks = blocks_of(model)
     return {name: _swap_linear(model, name, module, weight_type)
             for name, module in list(blocks.named_modules(prefix=path)) if type(module) is nn.Linear}
 
 
-def _swap_linear(model: nn.Module, name: str, linear: nn.Linear, weight_type: type[QuantWeight]) -> str:
-    from ..surgery import replace_module
-
+def _swap_linear(model: nn.Module, name: str, linear: nn.Linear, weight_type: type[PackedWeight]) -> str:
     weight = weight_type(linear.weight.data)
-    replace_module(model, name, QuantLinear(weight, linear.bias))
+    replace_module(model, name, PackedLinear(weight, linear.bias))
     return weight.format
 
 
@@ -96,17 +98,15 @@ def _output_head(model: nn.Module, method: str) -> tuple[str, nn.Linear]:
 
 @torch.no_grad()
 def dequantize_model(model: nn.Module) -> nn.Module:
-    """Every QuantLinear / QuantEmbedding back to a plain nn.Linear / nn.Embedding holding dequant(W), in the
+    """Every PackedLinear / QuantEmbedding back to a plain nn.Linear / nn.Embedding holding dequant(W), in the
     dtype the weight had; modules that shared a quantized table share the dense one. Returns the model."""
-    from ..surgery import replace_module
-
-    dense: dict[int, nn.Parameter] = {}  # id(QuantWeight) -> its dense table, so tied modules stay tied
+    dense: dict[int, nn.Parameter] = {}  # id(PackedWeight) -> its dense table, so tied modules stay tied
     for name, module in list(model.named_modules()):
-        if not isinstance(module, (QuantLinear, QuantEmbedding)):
+        if not isinstance(module, (PackedLinear, QuantEmbedding)):
             continue
         w = module.weight
         weight = dense.setdefault(id(w), nn.Parameter(w.dequantize(), requires_grad=False))
-        if isinstance(module, QuantLinear):
+        if isinstance(module, PackedLinear):
             plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
             plain.bias = module.bias
         else:
@@ -117,13 +117,13 @@ def dequantize_model(model: nn.Module) -> nn.Module:
 
 
 def is_quantized(weight) -> bool:
-    """True for a QuantWeight (what a QuantLinear or a LoRA layer over one holds as `weight`)."""
-    return isinstance(weight, QuantWeight)
+    """True for a PackedWeight (what a PackedLinear or a LoRA layer over one holds as `weight`)."""
+    return isinstance(weight, PackedWeight)
 
 
-def quantized_weights(model: nn.Module) -> list[tuple[str, QuantWeight]]:
+def quantized_weights(model: nn.Module) -> list[tuple[str, PackedWeight]]:
     """(module name, weight) of every quantized weight in the model."""
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, QuantWeight)]
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, PackedWeight)]
 
 
 def model_bytes(model: nn.Module) -> int:
@@ -142,9 +142,8 @@ def release_freed_memory() -> None:
     Without this the process keeps the dense weights' pages after quantizing and the memory saving does not show
     in its resident size. A no-op where the C library has no malloc_trim.
     """
-    import gc
-
     gc.collect()
-    libc = c_library()
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
     if libc is not None and hasattr(libc, "malloc_trim"):
         libc.malloc_trim(0)

@@ -15,7 +15,7 @@ import logging
 
 import torch
 
-from .linear import QuantWeight
+from ..core.packed import PackedWeight
 
 NF4_BLOCK, NF4_SCALE_BLOCK = 64, 256  # 4-bit blocks of 64 weights; their 8-bit absmax values in blocks of 256
 
@@ -27,12 +27,12 @@ def _bnb():
     lorafit never uses that kernel (it dequantizes and multiplies itself), so the warning is silenced.
     """
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-    import bitsandbytes.functional as bnb_f
+    import bitsandbytes.functional as bnb_f  # heavy: imported on first use (see the docstring)
 
     return bnb_f
 
 
-class NF4Weight(QuantWeight):
+class NF4Weight(PackedWeight):
     """A weight in NF4 with double-quantized block scales: bitsandbytes' quantize_4bit / dequantize_4bit."""
 
     format = "nf4"
@@ -74,7 +74,7 @@ class NF4Weight(QuantWeight):
         return bnb_f.dequantize_4bit(packed, row_state).to(dtype)  # (len(index), in)
 
 
-class Int8Weight(QuantWeight):
+class Int8Weight(PackedWeight):
     """A weight in int8 with one absmax per output row: bitsandbytes' int8_vectorwise_quant / _dequant."""
 
     format = "int8"

@@ -1,7 +1,7 @@
 """A frozen embedding table stored quantized: looked-up rows are dequantized, the rest stays packed.
 
 A model whose output head shares the table with the input embedding (SmolLM2, GPT-2) keeps sharing it: the
-head becomes a QuantLinear over the same QuantWeight, so the table is held once, quantized.
+head becomes a PackedLinear over the same PackedWeight, so the table is held once, quantized.
 """
 
 from __future__ import annotations
@@ -9,13 +9,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .linear import QuantLinear, QuantWeight
+from ..core.packed import PackedLinear, PackedWeight
+from ..core.surgery import replace_module
 
 
 class QuantEmbedding(nn.Module):
-    """Drop-in for a frozen nn.Embedding: `weight` is a QuantWeight of shape (vocab, dim)."""
+    """Drop-in for a frozen nn.Embedding: `weight` is a PackedWeight of shape (vocab, dim)."""
 
-    def __init__(self, weight: QuantWeight, padding_idx: int | None = None):
+    def __init__(self, weight: PackedWeight, padding_idx: int | None = None):
         super().__init__()
         self.weight = weight
         self.padding_idx = padding_idx
@@ -41,15 +42,14 @@ def input_embedding(model: nn.Module) -> tuple[str, nn.Embedding]:
     return name, embedding
 
 
-def swap_embedding(model: nn.Module, name: str, embedding: nn.Embedding, weight: QuantWeight) -> dict:
-    """Swap the embedding for a QuantEmbedding over `weight`, and a head tied to it for a QuantLinear sharing it."""
-    from ..surgery import replace_module  # imported here: surgery imports this package
+def swap_embedding(model: nn.Module, name: str, embedding: nn.Embedding, weight: PackedWeight) -> dict:
+    """Swap the embedding for a QuantEmbedding over `weight`, and a head tied to it for a PackedLinear sharing it."""
 
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     head_name = next((n for n, m in model.named_modules() if m is head), None)
     replace_module(model, name, QuantEmbedding(weight, embedding.padding_idx))
     done = {name: weight.format}
     if type(head) is nn.Linear and head.weight is embedding.weight:
-        replace_module(model, head_name, QuantLinear(weight, head.bias))
+        replace_module(model, head_name, PackedLinear(weight, head.bias))
         done[head_name] = f"{weight.format} (tied to {name})"
     return done

@@ -1,7 +1,7 @@
 """Keep a GGUF model's quantized blocks in memory as the file stores them; dequantize one layer at a time.
 
 transformers (and so PEFT) dequantizes a whole GGUF model to full precision when it loads it. Here the model
-is loaded that way once, then each block Linear is swapped for a QuantLinear holding the file's own blocks
+is loaded that way once, then each block Linear is swapped for a PackedLinear holding the file's own blocks
 (Q4_0, Q4_1 or Q8_0: 32 weights per block), re-laid out as separate scale and code tensors so that torch can
 dequantize a whole matrix in a few vectorized operations. Block layouts (ggml's, little-endian):
 
@@ -23,8 +23,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..core.packed import PackedLinear, PackedWeight
+from ..core.surgery import replace_module
 from .embedding import input_embedding, swap_embedding
-from .linear import QuantLinear, QuantWeight
 
 BLOCK = 32  # weights per block in every supported type
 BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}
@@ -81,7 +82,7 @@ def _dequantize_rows(parts: dict[str, torch.Tensor], qtype: str, dtype: torch.dt
     return w.reshape(q.shape[0], -1).to(dtype)
 
 
-class GGUFWeight(QuantWeight):
+class GGUFWeight(PackedWeight):
     """A weight held as a GGUF file's blocks (split into scales and codes), dequantized on demand."""
 
     def __init__(self, raw: torch.Tensor, qtype: str, shape: torch.Size, dtype: torch.dtype):
@@ -136,9 +137,8 @@ def keep_gguf_blocks(model: nn.Module, path: str | Path, embeddings: bool = Fals
     stay dense. Raises GGUFError (naming the tensor) for an architecture or block type that cannot be kept,
     before touching the model.
     """
-    from gguf import GGUFReader
+    from gguf import GGUFReader  # only GGUF files need its reader
 
-    from ..surgery import replace_module
 
     reader = GGUFReader(str(path))
     arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
@@ -157,7 +157,7 @@ def keep_gguf_blocks(model: nn.Module, path: str | Path, embeddings: bool = Fals
         if embedding is not None and module == embedding[0]:
             done.update(swap_embedding(model, module, dense, weight))
         else:
-            replace_module(model, module, QuantLinear(weight, dense.bias))
+            replace_module(model, module, PackedLinear(weight, dense.bias))
             done[module] = weight.format
     return done
 

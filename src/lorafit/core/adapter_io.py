@@ -1,0 +1,189 @@
+"""Adapter files in Hugging Face PEFT's layout, both ways.
+
+A folder with `adapter_config.json` and `adapter_model.safetensors`; tensor keys are
+`base_model.model.<module path>.lora_A.weight` (r, in) and `.lora_B.weight` (out, r), or
+`.lora_embedding_A` (r, vocab) / `.lora_embedding_B` (dim, r) for embeddings; biases and modules_to_save are
+stored under their own parameter paths. Loading reads JSON and safetensors only (no pickle), checks every key
+and shape against the model first, and changes nothing when a check fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .config import ConfigError, LoraConfig
+from .files import atomic_write, write_json
+from .lora import LoraEmbedding, LoraLayer, LowRankEmbedding
+from .surgery import TargetError, find_targets, inject, lora_layers, module_kind, name_matches
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+LABELS_FILE = "labels.json"  # lorafit's own: a classifier head's class names, in order (PEFT ignores it)
+PREFIX = "base_model.model."
+LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_embedding_A", ".lora_embedding_B")
+
+
+class AdapterFileError(ValueError):
+    """An adapter folder that cannot be read onto this model; the message names the file and the key."""
+
+
+def adapter_state(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """The tensors of adapter `name` under PEFT's keys (what `save_adapter` writes)."""
+    cfg: LoraConfig = model.lora_configs[name]
+    state = {}
+    for path, layer in lora_layers(model):
+        if name not in layer.lora:
+            continue
+        update = layer.lora[name]
+        if isinstance(update, LowRankEmbedding):
+            state[f"{path}.lora_embedding_A"] = update.lora_embedding_A
+            state[f"{path}.lora_embedding_B"] = update.lora_embedding_B
+        else:
+            state[f"{path}.lora_A.weight"] = update.lora_A
+            state[f"{path}.lora_B.weight"] = update.lora_B
+    wrapped = {path: name in layer.lora for path, layer in lora_layers(model)}  # LoRA layer -> has this adapter
+    for key, param in model.named_parameters():
+        owner = key.removesuffix(".bias")
+        if owner == key or ".lora." in key:
+            continue
+        if cfg.bias == "all" or (cfg.bias == "lora_only" and wrapped.get(owner, False)):
+            state[f"{owner}.base_layer.bias" if owner in wrapped else key] = param  # PEFT's key for wrapped layers
+    for path, module in model.named_modules():
+        if path and name_matches(path, cfg.modules_to_save):  # trained in full: every parameter is saved
+            state.update({f"{path}.{k}": v for k, v in module.named_parameters()})
+    return {PREFIX + k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> dict:
+    """Write adapter `name` (default: the active one) to folder `path` in PEFT's format, atomically per file.
+
+    Returns {"path", "file_bytes", "tensor_bytes"}: the safetensors file is the tensors' bytes plus a small
+    JSON header.
+    """
+    name = name or getattr(model, "lora_active", None)
+    if name is None or name not in getattr(model, "lora_configs", {}):
+        raise ValueError(f"no adapter {name!r} to save; the model has: {list(getattr(model, 'lora_configs', {}))}")
+    cfg: LoraConfig = model.lora_configs[name]
+    state = adapter_state(model, name)
+    layers = [(p, layer) for p, layer in lora_layers(model) if name in layer.lora]
+    peft = cfg.to_peft(fan_in_fan_out=any(getattr(layer, "fan_in_fan_out", False) for _, layer in layers))
+    if not peft["base_model_name_or_path"]:  # as PEFT does: the folder or hub id the model was loaded from
+        peft["base_model_name_or_path"] = getattr(model, "name_or_path", None) or None
+    if cfg.targets == "all-linear":  # written out, as PEFT does, so any reader selects the same modules
+        peft["target_modules"] = sorted(p for p, _ in layers)
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = folder / WEIGHTS_FILE
+    atomic_write(weights, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    write_json(folder / CONFIG_FILE, peft)
+    tensor_bytes = sum(t.numel() * t.element_size() for t in state.values())
+    return {"path": str(folder), "file_bytes": weights.stat().st_size, "tensor_bytes": tensor_bytes}
+
+
+def read_adapter(path: str | os.PathLike) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """Config and tensors of an adapter folder (keys without the `base_model.model.` prefix). No pickle."""
+    folder = Path(path)
+    config_file, weights_file = folder / CONFIG_FILE, folder / WEIGHTS_FILE
+    if not config_file.is_file():
+        raise AdapterFileError(f"{config_file}: not found (an adapter folder holds {CONFIG_FILE} and {WEIGHTS_FILE})")
+    if not weights_file.is_file():
+        found = ", ".join(sorted(p.name for p in folder.iterdir()))
+        raise AdapterFileError(f"{weights_file}: not found (lorafit reads safetensors only; folder has: {found})")
+    try:
+        data = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise AdapterFileError(f"{config_file}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise AdapterFileError(f"{config_file}: expected a JSON object, got {type(data).__name__}")
+    try:
+        cfg = LoraConfig.from_peft(data, source=str(config_file))
+    except ConfigError as err:
+        raise AdapterFileError(str(err)) from None
+    tensors = {}
+    try:
+        with safe_open(str(weights_file), framework="pt") as f:
+            for key in f.keys():
+                tensors[key.removeprefix(PREFIX)] = f.get_tensor(key)
+    except (SafetensorError, OSError, RuntimeError) as err:
+        raise AdapterFileError(f"{weights_file}: cannot be read as safetensors ({err}); the file is corrupt "
+                               "or truncated") from None
+    return cfg, tensors
+
+
+def _expected_shapes(module: nn.Module, r: int) -> dict[str, tuple[int, ...]]:
+    """The adapter tensor shapes a target module needs, keyed by PEFT's suffix."""
+    if isinstance(module, LoraEmbedding) or module_kind(module) == "embedding":
+        vocab, dim = module.weight.shape
+        return {".lora_embedding_A": (r, vocab), ".lora_embedding_B": (dim, r)}
+    if isinstance(module, LoraLayer):
+        fan_in, fan_out = module.in_features, module.out_features
+    elif module_kind(module) == "conv1d":
+        fan_in, fan_out = module.weight.shape
+    else:
+        fan_out, fan_in = module.weight.shape
+    return {".lora_A.weight": (r, fan_in), ".lora_B.weight": (fan_out, r)}
+
+
+def _check_fits(model: nn.Module, cfg: LoraConfig, tensors: dict, source: Path) -> list[str]:
+    """Raise AdapterFileError at the first key that is missing, unexpected or misshapen; return the targets."""
+    try:
+        targets = find_targets(model, cfg)
+    except TargetError as err:
+        raise AdapterFileError(f"{source / CONFIG_FILE}: {err}") from None
+    expected = {}
+    for target in targets:
+        for suffix, shape in _expected_shapes(model.get_submodule(target), cfg.r).items():
+            expected[target + suffix] = shape
+    for key, shape in expected.items():
+        if key not in tensors:
+            raise AdapterFileError(f"{source / WEIGHTS_FILE}: missing tensor {PREFIX + key} for target {key}")
+        if tuple(tensors[key].shape) != shape:
+            raise AdapterFileError(f"{source / WEIGHTS_FILE}: tensor {PREFIX + key} has shape "
+                                   f"{tuple(tensors[key].shape)}, the model needs {shape} (adapter for another model?)")
+    params = {k: v for k, v in model.named_parameters() if ".lora." not in k}
+    for key, tensor in tensors.items():
+        if key in expected:
+            continue
+        base_key = key.replace(".base_layer.", ".")
+        if key.endswith(LORA_SUFFIXES):
+            raise AdapterFileError(f"{source / WEIGHTS_FILE}: tensor {PREFIX + key} belongs to no module that "
+                                   f"target_modules={cfg.targets!r} selects")
+        if base_key not in params:
+            raise AdapterFileError(f"{source / WEIGHTS_FILE}: tensor {PREFIX + key} matches no parameter of the model")
+        if params[base_key].shape != tensor.shape:
+            raise AdapterFileError(f"{source / WEIGHTS_FILE}: tensor {PREFIX + key} has shape {tuple(tensor.shape)}, "
+                                   f"the model's {base_key} is {tuple(params[base_key].shape)}")
+    return targets
+
+
+@torch.no_grad()
+def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default") -> nn.Module:
+    """Load a PEFT-format adapter folder onto `model` as adapter `name` and make it the active one.
+
+    Works on a plain model (LoRA layers are injected as the file's config says) and on one that already carries
+    adapters. Every key and shape is checked before the model is touched: on error the model is unchanged.
+    """
+    if name in getattr(model, "lora_configs", {}):
+        raise ValueError(f"the model already has an adapter named {name!r}; pass another name")
+    source = Path(path)
+    cfg, tensors = read_adapter(source)
+    _check_fits(model, cfg, tensors, source)
+    inject(model, cfg, name)
+    for path_, layer in lora_layers(model):
+        if name not in layer.lora:
+            continue
+        for pname, param in layer.lora[name].named_parameters():
+            suffix = f".{pname}" if pname.startswith("lora_embedding") else f".{pname}.weight"
+            param.copy_(tensors[path_ + suffix])
+    params = dict(model.named_parameters())
+    for key, tensor in tensors.items():
+        if not key.endswith(LORA_SUFFIXES):
+            params[key.replace(".base_layer.", ".")].copy_(tensor)  # biases, modules_to_save, saved embeddings
+    return model

@@ -1,0 +1,143 @@
+"""LoraConfig: what to adapt and how, validated once, and its PEFT `adapter_config.json` form."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import asdict, dataclass, field
+
+from .variants import VARIANTS
+
+INITS = ("kaiming", "gaussian")
+BIASES = ("none", "lora_only", "all")
+
+# PEFT's adapter_config.json keys that lorafit reads, mapped to LoraConfig fields.
+_PEFT_TO_LORAFIT = {
+    "r": "r",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "target_modules": "targets",
+    "use_rslora": "rslora",
+    "bias": "bias",
+    "modules_to_save": "modules_to_save",
+    "layers_to_transform": "layers",
+    "init_lora_weights": "init",
+    "base_model_name_or_path": "base_model",
+    "task_type": "task_type",
+}
+# Keys PEFT writes that carry no information for a plain LoRA adapter (or that lorafit derives itself).
+_PEFT_NEUTRAL = {
+    "peft_type", "peft_version", "fan_in_fan_out", "inference_mode", "revision", "auto_mapping",
+    "layers_pattern", "rank_pattern", "alpha_pattern", "megatron_config", "megatron_core", "loftq_config",
+    "use_dora", "layer_replication", "lora_bias", "exclude_modules", "target_parameters", "eva_config",
+    "corda_config", "trainable_token_indices", "use_qalora", "qalora_group_size", "alora_invocation_tokens",
+    "arrow_config", "ensure_weight_tying", "kasa_config", "lora_ga_config", "monteclora_config", "use_bdlora",
+    "velora_config",
+}  # fmt: skip
+# Keys whose non-default value changes the maths: lorafit refuses them rather than load the wrong model.
+_PEFT_UNSUPPORTED_IF_SET = {
+    "use_dora": False, "rank_pattern": {}, "alpha_pattern": {}, "layer_replication": None, "lora_bias": False,
+    "exclude_modules": None, "target_parameters": None, "trainable_token_indices": None, "use_qalora": False,
+}  # fmt: skip
+
+
+class ConfigError(ValueError):
+    """A config value (from code, a file or the command line) that lorafit cannot use."""
+
+
+@dataclass
+class LoraConfig:
+    """Which modules get a low-rank update ΔW = BA and how it is built (Hu et al. 2021, section 4)."""
+
+    r: int = 8  # rank of ΔW = BA; A is (r, in), B is (out, r)
+    alpha: float = 16.0  # scale = alpha / r (or alpha / sqrt(r) with rslora); section 4.1 of the paper
+    dropout: float = 0.0  # dropout on the input of the LoRA branch only
+    targets: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])  # suffixes, a regex, "all-linear"
+    rslora: bool = False  # rank-stabilised scaling alpha / sqrt(r) (Kalajievski 2023)
+    init: str = "kaiming"  # "kaiming": A kaiming-uniform, B zero; "gaussian": A ~ N(0, 1/r), B zero
+    bias: str = "none"  # which biases train too: "none", "lora_only" (of adapted layers), "all"
+    modules_to_save: list[str] = field(default_factory=list)  # modules trained in full and saved (a new head)
+    layers: list[int] | None = None  # only adapt modules inside these block indices (None: all blocks)
+    base_model: str | None = None  # name or path of the base model, written to adapter_config.json
+    task_type: str | None = None  # PEFT's name for the model head: "CAUSAL_LM", "SEQ_CLS" (None: unrecorded)
+    variant: str = "lora"  # the kind of update (lorafit.core.variants): "lora" is plain ΔW = BA
+
+    def __post_init__(self) -> None:
+        if isinstance(self.targets, tuple):
+            self.targets = list(self.targets)
+        if isinstance(self.modules_to_save, (tuple, set)) or self.modules_to_save is None:
+            self.modules_to_save = sorted(self.modules_to_save or [])
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
+            raise ConfigError(f"r must be a positive integer, got {self.r!r}")
+        if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool) or self.alpha <= 0:
+            raise ConfigError(f"alpha must be a positive number, got {self.alpha!r}")
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.init not in INITS:
+            raise ConfigError(f"init must be one of {INITS}, got {self.init!r}")
+        if self.bias not in BIASES:
+            raise ConfigError(f"bias must be one of {BIASES}, got {self.bias!r}")
+        if isinstance(self.targets, list) and (not self.targets or not all(isinstance(t, str) for t in self.targets)):
+            raise ConfigError(f"targets must be a non-empty list of module names or a regex, got {self.targets!r}")
+        if not isinstance(self.targets, (list, str)):
+            raise ConfigError(f"targets must be a list of module names or a regex string, got {self.targets!r}")
+        if self.variant not in VARIANTS:
+            raise ConfigError(f"variant must be one of {', '.join(sorted(VARIANTS))}, got {self.variant!r}")
+        if self.layers is not None and not all(isinstance(i, int) and i >= 0 for i in self.layers):
+            raise ConfigError(f"layers must be a list of block indices >= 0, got {self.layers!r}")
+
+    @property
+    def scale(self) -> float:
+        """The factor applied to BA: alpha / r, or alpha / sqrt(r) with rslora."""
+        return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
+
+    def to_peft(self, fan_in_fan_out: bool = False) -> dict:
+        """This config as PEFT's adapter_config.json (the fields PEFT, vLLM and transformers read)."""
+        return {
+            "peft_type": "LORA",
+            "base_model_name_or_path": self.base_model,
+            "r": self.r,
+            "lora_alpha": self.alpha,
+            "lora_dropout": self.dropout,
+            "target_modules": self.targets,
+            "use_rslora": self.rslora,
+            "fan_in_fan_out": fan_in_fan_out,
+            "bias": self.bias,
+            "modules_to_save": self.modules_to_save or None,
+            "layers_to_transform": self.layers,
+            "layers_pattern": None,
+            "init_lora_weights": "gaussian" if self.init == "gaussian" else True,
+            "use_dora": False,
+            "rank_pattern": {},
+            "alpha_pattern": {},
+            "task_type": self.task_type,
+            "inference_mode": True,
+            "revision": None,
+        }
+
+    @classmethod
+    def from_peft(cls, data: dict, source: str = "adapter_config.json") -> LoraConfig:
+        """Read PEFT's adapter_config.json; unknown keys warn, values lorafit cannot honour raise ConfigError."""
+        if data.get("peft_type", "LORA") != "LORA":
+            raise ConfigError(f"{source}: peft_type is {data.get('peft_type')!r}; lorafit reads LORA adapters only")
+        for key, default in _PEFT_UNSUPPORTED_IF_SET.items():
+            if data.get(key, default) not in (default, None, {}, False):
+                raise ConfigError(f"{source}: {key}={data[key]!r} is not supported by lorafit (plain LoRA only)")
+        unknown = sorted(set(data) - set(_PEFT_TO_LORAFIT) - _PEFT_NEUTRAL)
+        if unknown:
+            warnings.warn(f"{source}: ignoring config keys lorafit does not know: {', '.join(unknown)}", stacklevel=2)
+        kwargs = {ours: data[theirs] for theirs, ours in _PEFT_TO_LORAFIT.items() if data.get(theirs) is not None}
+        init = kwargs.pop("init", True)
+        if init not in (True, False, "gaussian"):
+            raise ConfigError(f"{source}: init_lora_weights={init!r} is not supported (true, false or 'gaussian')")
+        kwargs["init"] = "gaussian" if init == "gaussian" else "kaiming"
+        if isinstance(kwargs.get("layers"), int):
+            kwargs["layers"] = [kwargs["layers"]]
+        try:
+            return cls(**kwargs)
+        except (ConfigError, TypeError) as err:
+            raise ConfigError(f"{source}: {err}") from None
+
+    def to_dict(self) -> dict:
+        """Plain dict of the fields (for logs and results files)."""
+        return asdict(self)

@@ -1,0 +1,131 @@
+"""Using adapters: load a base model with one or more adapters, generate with streaming, chat."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import TextStreamer
+
+from ..core.adapter_io import CONFIG_FILE, LABELS_FILE, load_adapter
+from ..methods import METHOD_CONFIG, is_method_folder, load_method
+from ..models import load_model
+from .scoring import generate_ids
+
+
+def _adapter_json(adapter: str | Path, name: str | None = None):
+    """A JSON file of an adapter folder: by default its config (PEFT's, or a non-LoRA method's)."""
+    name = name or (METHOD_CONFIG if is_method_folder(adapter) else CONFIG_FILE)
+    path = Path(adapter) / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found; is {adapter} an adapter folder?")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+
+
+def base_model_of(adapter: str | Path) -> str:
+    """The base model an adapter folder was trained on (its adapter_config.json's base_model_name_or_path)."""
+    name = _adapter_json(adapter).get("base_model_name_or_path")
+    if not name:
+        raise ValueError(f"{Path(adapter) / CONFIG_FILE}: no base_model_name_or_path recorded; pass --model")
+    return name
+
+
+def task_of(adapter: str | Path) -> tuple[str, list[str] | None]:
+    """(task, class names) an adapter was trained for: PEFT's task_type SEQ_CLS means a classifier."""
+    config = _adapter_json(adapter)
+    if config.get("task_type") != "SEQ_CLS" and config.get("task") != "classification":
+        return "causal-lm", None
+    if not (Path(adapter) / LABELS_FILE).is_file():
+        return "classification", None  # a PEFT classifier adapter: the head keeps the checkpoint's size
+    return "classification", _adapter_json(adapter, LABELS_FILE)
+
+
+def adapter_name(path: str | Path, taken: list[str]) -> str:
+    """A short unique name for an adapter folder: its folder name (or its parent's, for '.../adapter')."""
+    path = Path(path).resolve()
+    name = path.parent.name if path.name == "adapter" else path.name
+    base, i = name, 2
+    while name in taken:
+        name, i = f"{base}-{i}", i + 1
+    return name
+
+
+def load_with_adapters(model: str | None, adapters: list[str], task: str | None = None,
+                       quantize: str = "none", quantize_embeddings: bool = False) -> tuple:
+    """(model, tokenizer, adapter names): the base model (or the first adapter's base) with each adapter loaded.
+
+    The task (and a classifier's labels) come from the first adapter unless `task` is given; `quantize` stores
+    the base's block weights quantized (lorafit.quant) before the adapters go on, `quantize_embeddings` the
+    embedding table too.
+    """
+    if model is None:
+        if not adapters:
+            raise ValueError("name a --model or at least one --adapter")
+        model = base_model_of(adapters[0])
+    labels = None
+    if adapters:
+        recorded, labels = task_of(adapters[0])
+        task = task or recorded
+    net, tokenizer = load_model(model, task=task or "causal-lm", labels=labels if task == "classification" else None,
+                                quantize=quantize, quantize_embeddings=quantize_embeddings)
+    names: list[str] = []
+    for path in adapters:
+        names.append(adapter_name(path, names))
+        load_any(net, path, names[-1], alone=len(adapters) == 1)
+    return net, tokenizer, names
+
+
+def load_any(model: nn.Module, path: str | Path, name: str, alone: bool = True) -> None:
+    """Load a LoRA adapter folder (PEFT format) or another method's folder (see lorafit.methods) onto `model`."""
+    if not is_method_folder(path):
+        load_adapter(model, path, name=name)
+    elif not alone:
+        raise ValueError(f"{path}: a {_adapter_json(path)['method']['name']} result changes the model itself; "
+                         "it loads alone, not beside other adapters")
+    else:
+        load_method(model, path)
+
+
+def render(tokenizer, messages: list[dict] | str) -> str:
+    """A user message (or a whole conversation) as prompt text, through the chat template when there is one."""
+    if isinstance(messages, str):
+        messages = [{"role": "user", "content": messages}]
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return "\n".join(m["content"] for m in messages)
+
+
+class _CallbackStreamer(TextStreamer):
+    """transformers' streamer, sending each finished piece of text to a callback instead of print."""
+
+    def __init__(self, tokenizer, on_text: Callable[[str], None]):
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.on_text = on_text
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        self.on_text(text)
+
+
+@torch.no_grad()
+def stream(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0,
+           on_text: Callable[[str], None] | None = None) -> str:
+    """Generate from rendered `prompt`, sending text to `on_text` as it comes; returns the whole completion."""
+    model.eval()
+    pieces: list[str] = []
+
+    def sink(text: str) -> None:
+        pieces.append(text)
+        if on_text:
+            on_text(text)
+
+    enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+    generate_ids(model, dict(enc), max_new_tokens=max_new_tokens, streamer=_CallbackStreamer(tokenizer, sink),
+                 pad_token_id=tokenizer.pad_token_id, **sampling)  # with the model's virtual tokens, if any
+    return "".join(pieces)

@@ -1,0 +1,133 @@
+"""The training loop: a stream of batches, one optimizer step at a time, evaluation and checkpoints on schedule."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ..data import Example, batches
+from ..inference.scoring import mean_loss
+from ..methods import model_inputs
+from ..methods.mezo import MeZO
+from .checkpoint import save_checkpoint
+from .config import RunConfig
+from .loss import causal_lm_loss
+from .optim import lr_at, set_lr
+from .report import MetricsLog
+from .runtime import autocast, evaluation, training
+
+
+def loss_of(model: nn.Module, batch: dict) -> torch.Tensor:
+    """The training loss of `batch`: the chunked next-token loss for language models, the model's own otherwise.
+
+    The batch goes to the model's device, with the method's virtual tokens put in (`methods.model_inputs`).
+    """
+    labels = batch.get("labels")
+    inputs, _ = model_inputs(model, batch)
+    if labels is not None and labels.dim() == 2 and labels.shape == batch["input_ids"].shape:
+        return causal_lm_loss(model, inputs)
+    return model(**inputs).loss
+
+
+def micro_batches(examples: list[Example], batch_size: int, pad_id: int, seed: int, start: int) -> Iterator[dict]:
+    """An endless, deterministic stream of shuffled batches, epoch after epoch, skipping the first `start`."""
+    per_epoch = math.ceil(len(examples) / batch_size)
+    first_epoch, skip = divmod(start, per_epoch)
+    for epoch in itertools.count(first_epoch):
+        yield from batches(examples, batch_size, pad_id, shuffle=True, seed=seed, epoch=epoch,
+                           start=skip if epoch == first_epoch else 0)
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, parts: list[dict], clip: float,
+               precision: str = "fp32") -> tuple:
+    """One optimizer step over `parts` (gradient accumulation); returns (mean loss, tokens seen)."""
+    model.train()
+    tokens = sum(int(batch["attention_mask"].sum()) for batch in parts)
+    if isinstance(optimizer, MeZO):  # two forward passes over all parts, no backward
+        model.eval()  # both passes must see the same function: no dropout noise in the difference
+
+        def closure() -> torch.Tensor:
+            with autocast(precision, model):
+                return sum(loss_of(model, batch) for batch in parts) / len(parts)
+        return optimizer.step(closure).item(), tokens
+    total = 0.0
+    for batch in parts:
+        with training(precision, model):
+            loss = loss_of(model, batch) / len(parts)
+        loss.backward()
+        total += loss.item()
+    if clip > 0:
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total, tokens
+
+
+class _StopOnSigint:
+    """Turn the first Ctrl-C into a request to stop at the next step boundary (a second one interrupts at once).
+
+    Only in the main thread, where Python delivers signals; a loop run from another thread leaves them alone.
+    """
+
+    def __enter__(self):
+        self.requested = False
+        main = threading.current_thread() is threading.main_thread()
+        self.previous = signal.signal(signal.SIGINT, self._handle) if main else None
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+def run_loop(model: nn.Module, optimizer: torch.optim.Optimizer, train_set: list[Example], val_set: list[Example],
+             cfg: RunConfig, state: dict, pad_id: int, log: Callable[[str], None]) -> dict:
+    """Steps from state['step'] to cfg.train.steps, logging, evaluating and checkpointing on schedule.
+
+    Ctrl-C finishes the current step, writes a checkpoint and ends the run; `--resume` continues from it.
+    """
+    t, out = cfg.train, Path(cfg.out)
+    stream = micro_batches(train_set, t.batch_size, pad_id, t.seed, state["micro_batches"])
+    metrics = MetricsLog(out / "metrics.jsonl", tensorboard=t.tensorboard, append=state["step"] > 0)
+    bar = tqdm(total=t.steps, initial=state["step"], desc="train", unit="step", dynamic_ncols=True)
+    with _StopOnSigint() as sigint, metrics, bar:
+        while state["step"] < t.steps:
+            step, started = state["step"], time.perf_counter()
+            lr = lr_at(step, t.lr, t.warmup_steps, t.steps, t.min_lr_ratio)
+            set_lr(optimizer, lr)
+            loss, tokens = train_step(model, optimizer, [next(stream) for _ in range(t.grad_accum)], t.clip,
+                                      t.precision)
+            seconds = time.perf_counter() - started
+            state = {"step": step + 1, "micro_batches": state["micro_batches"] + t.grad_accum,
+                     "seconds": state["seconds"] + seconds}
+            row = {"step": step + 1, "loss": round(loss, 5), "lr": lr, "tokens_per_s": round(tokens / seconds, 1)}
+            if (t.eval_every and (step + 1) % t.eval_every == 0) or step + 1 == t.steps:
+                with evaluation(t.precision, model):
+                    row["eval_loss"] = round(mean_loss(model, val_set, cfg.eval.batch_size, pad_id, loss_of), 5)
+            metrics.write(row, log if (step + 1) % t.log_every == 0 or "eval_loss" in row else None)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
+            bar.update(1)
+            if sigint.requested:
+                path = save_checkpoint(out / "checkpoints", model, optimizer, state)
+                log(f"interrupted at step {state['step']}: checkpoint saved to {path}; continue with --resume")
+                raise SystemExit(130)
+            if t.save_every and (step + 1) % t.save_every == 0:
+                save_checkpoint(out / "checkpoints", model, optimizer, state)
+    save_checkpoint(out / "checkpoints", model, optimizer, state)
+    return state
+
+

@@ -1,0 +1,165 @@
+"""`lorafit train`: load, inject, data, optimizer, loop of train_step / evaluate / save_checkpoint, report.
+
+Read `train` top to bottom: it is the whole recipe. The loop runs on plain PyTorch; the only transformers
+objects are the model and its tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import methods
+from ..core.adapter_io import LABELS_FILE
+from ..core.anatomy import head_of
+from ..core.config import LoraConfig
+from ..core.files import write_json
+from ..core.surgery import trainable_parameters, trainable_report
+from ..data import Example, encode, label_set, load_splits
+from ..inference.scoring import in_context_score, pick_metric, score
+from ..models import load_model
+from ..quant import model_bytes, quantized_weights
+from .checkpoint import latest_checkpoint, load_checkpoint
+from .config import RunConfig
+from .cpu import rowsplit
+from .cpu.memory import PeakWindow, allocator
+from .loop import loss_of, run_loop
+from .loss import release_scratch
+from .optim import make_optimizer
+from .report import plot_before_after, plot_loss
+from .runtime import dtype_for, evaluation, prepare, resolve_compile, resolve_device, resolve_precision
+
+
+def train(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] = print) -> dict:
+    """Run the whole job `cfg` describes; returns (and writes to out/results.json) the before/after report."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.train.seed)
+    train_rows, val_rows, fmt = load_splits(cfg.data, seed=cfg.train.seed, log=log)
+    labels = label_set(train_rows, val_rows) if cfg.model.task == "classification" else None
+    device = resolve_device(cfg.train.device)
+    precision = resolve_precision(cfg.train.precision, device)
+    compiled, why = resolve_compile(cfg.train.compile, cfg.train.steps, device, precision, cfg.model.quantize != "none")
+    cfg = replace(cfg, train=replace(cfg.train, precision=precision, compile=compiled))  # from here on: resolved
+    model, tokenizer = _load_model(cfg, labels, device, log)
+    log(f"compile: {'on' if compiled else 'off'} ({why})")
+    train_set = encode(train_rows, fmt, tokenizer, cfg.data, labels)
+    val_set = encode(val_rows, fmt, tokenizer, cfg.data, labels)
+    eval_rows, eval_set = val_rows[:cfg.eval.limit], val_set[:cfg.eval.limit]
+    metric = pick_metric(cfg.eval.metric, cfg.model.task, fmt)
+
+    def evaluate() -> dict:
+        with evaluation(precision, model):
+            return score(model, tokenizer, metric, eval_rows, eval_set, fmt, cfg.eval.batch_size,
+                         cfg.eval.max_new_tokens, log, loss=loss_of)
+
+    report = {"model": cfg.model.name, "method": cfg.method.name, "device": str(device), "precision": precision,
+              "format": fmt, "quantize": cfg.model.quantize, "quantize_embeddings": cfg.model.quantize_embeddings,
+              "compile": cfg.train.compile, "model_bytes": model_bytes(model),
+              "metric": metric, "labels": labels, "train_rows": len(train_rows), "val_rows": len(eval_rows)}
+    if cfg.eval.compare_base and not resume:
+        log("scoring the base model ...")
+        with PeakWindow() as peak:
+            report["base"] = evaluate()
+        report["peak_rss_mb_inference"] = peak.mb
+    if not methods.get(cfg.method.name).trains:  # in-context: the frozen model with k examples in every prompt
+        report["tuned"] = in_context_score(model, tokenizer, eval_rows, train_rows, fmt, cfg.method.shots,
+                                           cfg.eval.batch_size, cfg.eval.max_new_tokens, cfg.train.seed, log)
+        write_json(out / "results.json", report)
+        return report
+
+    optimizer = _set_up_training(cfg, model, train_set, report, log)
+    state = _resume(out, model, optimizer, log) if resume else {"step": 0, "micro_batches": 0, "seconds": 0.0}
+    report["allocator"] = allocator()  # the entry point of the run chose it (`lorafit train` keeps freed memory)
+    with PeakWindow() as peak:
+        state = run_loop(model, optimizer, train_set, val_set, cfg, state, tokenizer.pad_token_id, log)
+    release_scratch()  # the loss's buffers; evaluation below makes the small ones it needs
+    info = _save_result(cfg, model, labels, log)
+    report.update(steps=state["step"], train_seconds=round(state["seconds"], 1), adapter=info,
+                  trainable=trainable_report(model), peak_rss_mb_train=peak.mb, peak_gpu_mb_train=peak.gpu_mb,
+                  trainable_params=sum(p.numel() for _, p in trainable_parameters(model)))
+    with PeakWindow() as peak:
+        report["tuned"] = evaluate()
+    report["peak_rss_mb_eval"] = peak.mb
+    plot_loss(out / "metrics.jsonl", out / "loss.png")
+    plot_before_after(report, out / "before_after.png")
+    write_json(out / "results.json", report)
+    return report
+
+
+def _load_model(cfg: RunConfig, labels: list[str] | None, device: torch.device, log: Callable[[str], None]):
+    """(model, tokenizer): the frozen base in the run's precision (quantized as asked), on `device`."""
+    precision = cfg.train.precision
+    log(f"device: {device}; precision: {precision}" + (" (frozen base in bf16, LoRA weights and optimizer in fp32)"
+                                                       if precision == "bf16" else " (exact)"))
+    model, tokenizer = load_model(cfg.model.name, task=cfg.model.task, labels=labels, dtype=dtype_for(precision),
+                                  quantize=cfg.model.quantize, quantize_head=cfg.model.quantize_head,
+                                  quantize_embeddings=cfg.model.quantize_embeddings)
+    model.to(device)  # loaded (and quantized) on the CPU; adapters are made on the weights' device
+    if cfg.model.quantize != "none":
+        log(f"quantize: {cfg.model.quantize}: {len(quantized_weights(model))} weights quantized; "
+            f"model weights in memory: {model_bytes(model) / 1e6:,.1f} MB")
+    return model, tokenizer
+
+
+def _set_up_training(cfg: RunConfig, model: nn.Module, train_set: list[Example], report: dict,
+                     log: Callable[[str], None]) -> torch.optim.Optimizer:
+    """Inject the method's trainable parts, prepare the fast path (`fast.prepare`) and make the optimizer."""
+    methods.setup(model, cfg.method, adapter_config(cfg, model))
+    t = cfg.train
+    halved = prepare(model, t.precision, t.checkpointing, compile_blocks=t.compile,
+                     rows=typical_rows(train_set, t.batch_size))
+    report["halved_products"] = rowsplit.describe(halved)  # frozen products timed faster in halves of rows
+    if halved:
+        log(f"frozen products computed in halves of rows (timed faster on this CPU): {report['halved_products']}")
+    log(f"method: {cfg.method.name}; {trainable_report(model)}")
+    own = methods.get(cfg.method.name).optimizer  # MeZO: forward passes only, no gradients, no optimizer state
+    if own is not None:
+        return own([p for _, p in trainable_parameters(model)], t.lr, t.weight_decay, t.seed, cfg.method)
+    return make_optimizer(model, t.lr, t.weight_decay)
+
+
+def _save_result(cfg: RunConfig, model: nn.Module, labels: list[str] | None, log: Callable[[str], None]) -> dict:
+    """Save what the method trained into out/adapter (with a classifier's labels); returns save_method's info."""
+    folder = Path(cfg.out) / "adapter"
+    info = methods.save_method(model, folder, cfg.method, cfg.model.name, cfg.model.task)
+    if labels is not None:  # the head's classes, in order: what a later load needs to size the head
+        write_json(folder / LABELS_FILE, labels)
+    log(f"adapter saved to {info['path']} ({info['file_bytes']:,} bytes)")
+    return info
+
+
+def typical_rows(examples: list[Example], batch_size: int) -> int:
+    """Tokens in a typical micro-batch: batch_size x the 90th-percentile length (a batch pads to its longest)."""
+    lengths = sorted(len(example.input_ids) for example in examples)
+    return batch_size * lengths[int(0.9 * (len(lengths) - 1))] if lengths else 0
+
+
+def adapter_config(cfg: RunConfig, model: nn.Module) -> LoraConfig:
+    """The run's LoraConfig, recording the base model and (for classifiers) training the new head in full."""
+    extra = []
+    if cfg.model.task == "classification":
+        head = head_of(model)
+        extra = [head] if head not in cfg.lora.modules_to_save else []
+    task_type = "SEQ_CLS" if cfg.model.task == "classification" else "CAUSAL_LM"
+    return replace(cfg.lora, base_model=cfg.model.name, task_type=task_type,
+                   modules_to_save=[*cfg.lora.modules_to_save, *extra])
+
+
+def _resume(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, log: Callable[[str], None]) -> dict:
+    path = latest_checkpoint(out / "checkpoints")
+    if path is None:
+        raise FileNotFoundError(f"--resume: no checkpoint in {out / 'checkpoints'}; start without --resume")
+    state = load_checkpoint(path, model, optimizer)
+    log(f"resumed from {path} at step {state['step']}")
+    return state
+
+
+def read_results(out: str | Path) -> dict:
+    """The report a finished run wrote."""
+    return json.loads((Path(out) / "results.json").read_text())
