@@ -1,7 +1,20 @@
-"""Tiny random-weight models built from configs: fast, offline, and real transformers architectures."""
+"""What the tests share: tiny random-weight models built from configs (fast, offline, real transformers
+architectures), a saved tiny model and its tokenizer, a tiny training job and its run config, and the CLI runner.
 
+Test modules import these as `from tests.conftest import ...` (tests/ is a package, so that is the module pytest
+loaded); fixtures are used by name. No test module imports another.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import huggingface_hub.constants
 import pytest
 import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
@@ -9,8 +22,18 @@ from transformers import (
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    PreTrainedTokenizerFast,
 )
 
+from lorafit.models import presets
+
+REPO = Path(__file__).resolve().parents[1]  # the repository root: examples/, scripts/
+USER_CACHE = presets.cache_dir()  # taken before any fixture runs: the slow tests share the real presets cache
+CLI_ENV = {**os.environ, "MPLBACKEND": "Agg", "HF_HUB_OFFLINE": "1"}
+TINY_WORDS = ["hello", "world", "cat", "dog"]  # the words tiny_tokenizer knows besides its special tokens
+
+
+# --- tiny models ---
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
@@ -37,6 +60,11 @@ def ids() -> torch.Tensor:
     return torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
 
 
+def gaussian(shape, seed=0, dtype=torch.float32) -> torch.Tensor:
+    """A standard-normal tensor from its own seeded generator (the global seed stays untouched)."""
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
 def randomize_lora(model: torch.nn.Module, seed: int = 0) -> None:
     """Give every adapter a non-zero B (and A), so tests see a real ΔW."""
     import lorafit
@@ -58,3 +86,82 @@ def lm_batch(seed: int = 0) -> dict:
     labels[:, :4] = -100  # prompt
     labels[mask == 0] = -100
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+# --- a saved tiny model, as a Hugging Face folder ---
+
+def tiny_tokenizer(pad: bool = True) -> PreTrainedTokenizerFast:
+    vocab = {w: i for i, w in enumerate(["<pad>", "<eos>", "<unk>", *TINY_WORDS])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>",
+                                   pad_token="<pad>" if pad else None)
+
+
+def saved_tiny_model(path, pad: bool = True):
+    """A random-weight Llama and a word-level tokenizer saved as an ordinary Hugging Face folder."""
+    tiny_llama().save_pretrained(path)
+    tiny_tokenizer(pad).save_pretrained(path)
+    return path
+
+
+def answer(model, tok, question: str, max_new_tokens: int = 12) -> str:
+    """Greedy reply through the chat template."""
+    enc = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+    return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+@pytest.fixture
+def private_cache(tmp_path, monkeypatch):
+    """A presets cache of the test's own, and no Hugging Face hub (`pytestmark = usefixtures("private_cache")`)."""
+    monkeypatch.setenv("LORAFIT_CACHE", str(tmp_path / "cache"))
+    # No test may touch the Hugging Face hub (the slow ones fetch presets through pip, i.e. the package index).
+    # huggingface_hub reads HF_HUB_OFFLINE once, at import: the environment alone is too late here.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+# --- a tiny training job ---
+
+def tiny_job(tmp_path):
+    """A saved tiny model and instruction data in `tmp_path`: (tmp_path, model folder)."""
+    model = saved_tiny_model(tmp_path / "model")
+    rows = [{"instruction": f"{a} {b}", "input": "", "output": b} for a in TINY_WORDS for b in TINY_WORDS] * 2
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (tmp_path / "val.jsonl").write_text("\n".join(json.dumps(r) for r in rows[:8]) + "\n")
+    return tmp_path, model
+
+
+def tiny_run_config(job_dir, model, out, *overrides):
+    """The RunConfig of a 6-step fp32 run of `tiny_job(job_dir)` writing to `out`; `overrides` as on the CLI."""
+    from lorafit.training.config import load_run_config
+
+    args = ["--model.name", str(model), "--data.train", str(job_dir / "train.jsonl"),
+            "--data.validation", str(job_dir / "val.jsonl"), "--data.format", "instruction",
+            "--lora.targets", "all-linear", "--lora.dropout", "0.1", "--train.steps", "6",
+            "--train.batch_size", "4", "--train.grad_accum", "2", "--train.lr", "1e-2", "--train.warmup_steps",
+            "2", "--train.save_every", "3", "--train.precision", "fp32", "--eval.max_new_tokens", "2",
+            "--out", str(out), *overrides]
+    return load_run_config(None, args)
+
+
+def tiny_run_yaml(tmp_path) -> Path:
+    """A saved tiny model, instruction data and a 3-step config writing to tmp_path/run: the config's path."""
+    model = saved_tiny_model(tmp_path / "model")
+    rows = [{"instruction": f"{a} {b}", "input": "", "output": b} for a in ("cat", "dog") for b in ("hello", "world")]
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows * 3) + "\n")
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model:\n  name: {model}\ndata:\n  train: train.jsonl\n  val_fraction: 0.25\n"
+                      f"lora:\n  targets: all-linear\ntrain:\n  steps: 3\n  batch_size: 2\nout: {tmp_path / 'run'}\n")
+    return config
+
+
+# --- the `lorafit` command ---
+
+def run_cli(*args, cwd=None, input=None, env=None, timeout=300) -> subprocess.CompletedProcess:
+    """`lorafit ARGS` as a real subprocess (offline, Agg backend; `env` adds variables): its completed process."""
+    return subprocess.run([sys.executable, "-m", "lorafit", *args], capture_output=True, text=True,
+                          env={**CLI_ENV, **(env or {})}, cwd=cwd, input=input, timeout=timeout)

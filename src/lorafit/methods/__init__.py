@@ -24,7 +24,11 @@ from ..core.adapter_io import save_adapter
 from ..core.anatomy import head_of
 from ..core.config import LoraConfig
 from ..data import to_device
-from . import houlsby, incontext, lora, mezo, select, virtual  # noqa: F401  (each registers its methods)
+
+# Each file registers its methods; the order here is the order users see them in.
+# isort: off
+from . import lora, select, houlsby, virtual, mezo, incontext  # noqa: F401
+# isort: on
 from .config import MethodConfig
 from .folder import METHOD_CONFIG, METHOD_WEIGHTS, check_mergeable, is_method_folder, load_method, save_folder
 from .registry import METHODS, Method, MethodError, get, names, register

@@ -188,10 +188,13 @@ def houlsby_parameter_count(model: nn.Module) -> int:
 
 def _setup(model: nn.Module, options, lora) -> None:
     model.requires_grad_(False)
-    add_houlsby(model, bottleneck=options.bottleneck)  # the adapters' parameters train
+    _add(model, options)  # the adapters' parameters train
     train_head(model)
 
 
+def _add(model: nn.Module, options) -> None:
+    add_houlsby(model, bottleneck=options.bottleneck)
+
+
 register(Method("adapter", "Houlsby bottleneck adapters after attention and MLP (Houlsby et al. 2019)",
-                setup=_setup, add_modules=lambda model, options: add_houlsby(model, bottleneck=options.bottleneck),
-                remove_modules=remove_houlsby, mergeable=False))
+                setup=_setup, add_modules=_add, remove_modules=remove_houlsby, mergeable=False))

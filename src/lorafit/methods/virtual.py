@@ -220,12 +220,15 @@ def virtual_inputs(model: nn.Module, batch: dict) -> tuple[dict, int]:
 
 def _setup(model: nn.Module, options, lora) -> None:
     model.requires_grad_(False)
-    add_virtual_tokens(model, options.name, n=options.virtual_tokens)  # the virtual tokens train
+    _add(model, options)  # the virtual tokens train
     train_head(model)
 
 
-for _kind, _summary in (("prefix", "trainable keys/values prepended at every layer (Li & Liang 2021)"),
-                        ("prompt", "trainable input embeddings prepended to the sequence (Lester et al. 2021)")):
-    register(Method(_kind, _summary, setup=_setup, mergeable=False, remove_modules=remove_virtual_tokens,
-                    add_modules=lambda model, options: add_virtual_tokens(model, options.name,
-                                                                          n=options.virtual_tokens)))
+def _add(model: nn.Module, options) -> None:
+    add_virtual_tokens(model, options.name, n=options.virtual_tokens)
+
+
+register(Method("prefix", "trainable keys/values prepended at every layer (Li & Liang 2021)", setup=_setup,
+                add_modules=_add, remove_modules=remove_virtual_tokens, mergeable=False))
+register(Method("prompt", "trainable input embeddings prepended to the sequence (Lester et al. 2021)", setup=_setup,
+                add_modules=_add, remove_modules=remove_virtual_tokens, mergeable=False))
