@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lorafit.tools.bench import latency
-from lorafit.tools.bench.common import forward_flops
+from lorafit.tools.bench.common import EXAMPLE_DATA, forward_flops
 from lorafit.tools.bench.latency import LatencyBench, models
 from lorafit.tools.bench.train import SETUPS, TrainBench, format_table, run
 from tests.conftest import saved_tiny_model, tiny_gpt2, tiny_llama
@@ -144,3 +144,8 @@ def test_latency_run_writes_json_markdown_and_png(tmp_path):
     assert [(r["setting"], r["name"]) for r in result["rows"]] == [(s, n) for s in ("2x6", "1x4") for n in latency.ROWS]
     assert "| 2 × 6 | lora-merged |" in (out / "latency.md").read_text()
     assert (out / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_default_benchmark_data_is_the_shipped_wordnet_file():
+    """`lorafit bench train` without --data reads the repository's example data: the path must survive moves."""
+    assert EXAMPLE_DATA.is_file() and EXAMPLE_DATA.name == "category_train.jsonl"

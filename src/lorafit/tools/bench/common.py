@@ -13,7 +13,7 @@ import torch
 
 from ...training.runtime import bf16_supported
 
-EXAMPLE_DATA = Path(__file__).resolve().parents[3] / "examples" / "wordnet" / "category_train.jsonl"
+EXAMPLE_DATA = Path(__file__).resolve().parents[4] / "examples" / "wordnet" / "category_train.jsonl"
 
 
 def machine() -> dict:
