@@ -109,7 +109,7 @@ def _load_model(cfg: RunConfig, labels: list[str] | None, device: torch.device, 
 
 def _set_up_training(cfg: RunConfig, model: nn.Module, train_set: list[Example], report: dict,
                      log: Callable[[str], None]) -> torch.optim.Optimizer:
-    """Inject the method's trainable parts, prepare the fast path (`fast.prepare`) and make the optimizer."""
+    """Inject the method's trainable parts, prepare the fast path (`runtime.prepare`) and make the optimizer."""
     methods.setup(model, cfg.method, adapter_config(cfg, model))
     t = cfg.train
     halved = prepare(model, t.precision, t.checkpointing, compile_blocks=t.compile,
