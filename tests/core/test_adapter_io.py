@@ -193,3 +193,19 @@ def test_load_onto_model_that_already_has_an_adapter(tmp_path, ids):
 def test_save_is_atomic_and_leaves_no_temp_files(tmp_path):
     path = _saved(tmp_path)
     assert sorted(p.name for p in path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_a_loaded_adapter_follows_the_models_mode_no_dropout_in_eval(tmp_path, ids):
+    """load_adapter onto a model in eval() must not leave the new LoRA modules training: with dropout in the
+    adapter, two identical forward passes would differ."""
+    model = tiny_llama()
+    lorafit.inject(model, LoraConfig(r=4, dropout=0.5, targets=["q_proj", "v_proj"]))
+    randomize_lora(model)
+    lorafit.save_adapter(model, tmp_path / "adapter")
+    fresh = tiny_llama().eval()
+    lorafit.load_adapter(fresh, tmp_path / "adapter")
+    assert not any(module.training for module in fresh.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(ids).logits, fresh(ids).logits, rtol=0, atol=0)
+    fresh.train()  # and the mode still follows the model afterwards
+    assert all(layer.training and layer.lora["default"].dropout.training for _, layer in lorafit.lora_layers(fresh))

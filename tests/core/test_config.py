@@ -1,5 +1,7 @@
 """LoraConfig: validation at the edge and the PEFT adapter_config.json mapping."""
 
+import re
+
 import pytest
 
 from lorafit import ConfigError, LoraConfig
@@ -8,7 +10,8 @@ from lorafit import ConfigError, LoraConfig
 @pytest.mark.parametrize("kwargs, match", [
     ({"r": 0}, "r must be a positive integer"),
     ({"r": 2.5}, "r must be a positive integer"),
-    ({"alpha": -1}, "alpha must be a positive number"),
+    ({"alpha": -1}, r"alpha must be a finite number in \(0, 1e\+06\]"),
+    ({"alpha": float("nan")}, "alpha must be a finite number"),
     ({"dropout": 1.0}, "dropout must be in"),
     ({"init": "xavier"}, "init must be one of"),
     ({"bias": "some"}, "bias must be one of"),
@@ -34,7 +37,7 @@ def test_peft_field_names_are_peft_names():
 
 
 def test_other_peft_types_and_unsupported_options_are_errors():
-    with pytest.raises(ConfigError, match="peft_type is 'IA3'"):
+    with pytest.raises(ConfigError, match="peft_type must be \"LORA\" .*, got 'IA3'"):
         LoraConfig.from_peft({"peft_type": "IA3", "r": 8})
     with pytest.raises(ConfigError, match="rank_pattern"):
         LoraConfig.from_peft({"peft_type": "LORA", "r": 8, "rank_pattern": {"q_proj": 4}})
@@ -45,3 +48,20 @@ def test_unknown_keys_warn_by_name_and_load():
         cfg = LoraConfig.from_peft({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": "q",
                                     "from_the_future": 1})
     assert cfg.r == 2 and cfg.targets == "q" and cfg.scale == 2.0
+
+
+def test_peft_defaults_fill_missing_or_null_keys_and_wrong_types_are_refused_by_key():
+    """PEFT's LoraConfig defaults (lora_alpha 8, r 8) stand for a missing or null key; a value of the wrong type is
+    an error naming the file and the key, never a guess (a string "yes" is not true)."""
+    for alpha in ({}, {"lora_alpha": None}):
+        cfg = LoraConfig.from_peft({"r": 4, "target_modules": ["q"], **alpha}, source="a.json")
+        assert cfg.alpha == 8 and cfg.scale == 2.0
+    assert LoraConfig.from_peft({"target_modules": ["q"]}).r == 8
+    for key, value, phrase in [("use_rslora", "yes", "use_rslora must be true or false"),
+                               ("lora_alpha", 1e30, "lora_alpha must be a finite number"),
+                               ("modules_to_save", 3, "modules_to_save must be a list of module names or null"),
+                               ("target_modules", "(", "target_modules must be a non-empty list of module names, "
+                                                       "a valid regular expression"),
+                               ("use_dora", 1, "use_dora=1 is not supported")]:
+        with pytest.raises(ConfigError, match=rf"^a\.json: {re.escape(phrase)}"):
+            LoraConfig.from_peft({"target_modules": ["q"], key: value}, source="a.json")

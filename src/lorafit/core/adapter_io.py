@@ -14,14 +14,15 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
+from safetensors.torch import load as safetensors_load
 from safetensors.torch import save_file
 from torch import nn
 
 from .config import ConfigError, LoraConfig
-from .files import atomic_write, write_json
+from .files import publish_folder, read_folder
 from .lora import LoraEmbedding, LoraLayer, LowRankEmbedding
-from .surgery import TargetError, find_targets, inject, lora_layers, module_kind, name_matches
+from .surgery import TargetError, find_targets, inject, lora_layers, module_kind, modules_to_save, name_matches
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -61,11 +62,14 @@ def adapter_state(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     return {PREFIX + k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> dict:
-    """Write adapter `name` (default: the active one) to folder `path` in PEFT's format, atomically per file.
+def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = None,
+                 side_files: dict[str, object] | None = None) -> dict:
+    """Write adapter `name` (default: the active one) to folder `path` in PEFT's format, the folder as a whole.
 
-    Returns {"path", "file_bytes", "tensor_bytes"}: the safetensors file is the tensors' bytes plus a small
-    JSON header.
+    The folder is built beside `path` and swapped in at once (`files.publish_folder`): a reader sees the previous
+    adapter or this one, never one's weights with the other's config. It holds the two PEFT files plus
+    `side_files` ({file name: JSON value}, e.g. a classifier's labels.json), which PEFT ignores. Returns
+    {"path", "file_bytes", "tensor_bytes"}: the safetensors file is the tensors' bytes plus a small JSON header.
     """
     name = name or getattr(model, "lora_active", None)
     if name is None or name not in getattr(model, "lora_configs", {}):
@@ -79,25 +83,33 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
     if cfg.targets == "all-linear":  # written out, as PEFT does, so any reader selects the same modules
         peft["target_modules"] = sorted(p for p, _ in layers)
     folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
-    weights = folder / WEIGHTS_FILE
-    atomic_write(weights, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-    write_json(folder / CONFIG_FILE, peft)
+    with publish_folder(folder) as tmp:
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        for file, value in {CONFIG_FILE: peft, **(side_files or {})}.items():
+            (tmp / file).write_text(json.dumps(value, indent=2) + "\n")
+        file_bytes = (tmp / WEIGHTS_FILE).stat().st_size
     tensor_bytes = sum(t.numel() * t.element_size() for t in state.values())
-    return {"path": str(folder), "file_bytes": weights.stat().st_size, "tensor_bytes": tensor_bytes}
+    return {"path": str(folder), "file_bytes": file_bytes, "tensor_bytes": tensor_bytes}
 
 
 def read_adapter(path: str | os.PathLike) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
-    """Config and tensors of an adapter folder (keys without the `base_model.model.` prefix). No pickle."""
+    """Config and tensors of an adapter folder (keys without the `base_model.model.` prefix). No pickle.
+
+    Both files come from one version of the folder, even while another process saves over it.
+    """
     folder = Path(path)
     config_file, weights_file = folder / CONFIG_FILE, folder / WEIGHTS_FILE
-    if not config_file.is_file():
-        raise AdapterFileError(f"{config_file}: not found (an adapter folder holds {CONFIG_FILE} and {WEIGHTS_FILE})")
-    if not weights_file.is_file():
-        found = ", ".join(sorted(p.name for p in folder.iterdir()))
-        raise AdapterFileError(f"{weights_file}: not found (lorafit reads safetensors only; folder has: {found})")
+    if not folder.is_dir():
+        raise AdapterFileError(f"{folder}: not an adapter folder (it holds {CONFIG_FILE} and {WEIGHTS_FILE})")
     try:
-        data = json.loads(config_file.read_text())
+        raw = read_folder(folder, (CONFIG_FILE, WEIGHTS_FILE))
+    except FileNotFoundError as err:
+        found = ", ".join(sorted(p.name for p in folder.iterdir())) or "nothing"
+        missing = folder / err.filename if err.filename else folder
+        hint = "lorafit reads safetensors only; " if missing.name == WEIGHTS_FILE else ""
+        raise AdapterFileError(f"{missing}: not found ({hint}the folder holds: {found})") from None
+    try:
+        data = json.loads(raw[CONFIG_FILE].decode())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise AdapterFileError(f"{config_file}: not valid JSON ({err})") from None
     if not isinstance(data, dict):
@@ -106,14 +118,14 @@ def read_adapter(path: str | os.PathLike) -> tuple[LoraConfig, dict[str, torch.T
         cfg = LoraConfig.from_peft(data, source=str(config_file))
     except ConfigError as err:
         raise AdapterFileError(str(err)) from None
-    tensors = {}
     try:
-        with safe_open(str(weights_file), framework="pt") as f:
-            for key in f.keys():
-                tensors[key.removeprefix(PREFIX)] = f.get_tensor(key)
-    except (SafetensorError, OSError, RuntimeError) as err:
+        tensors = {key.removeprefix(PREFIX): t for key, t in safetensors_load(raw[WEIGHTS_FILE]).items()}
+    except (SafetensorError, OSError, RuntimeError, ValueError) as err:
         raise AdapterFileError(f"{weights_file}: cannot be read as safetensors ({err}); the file is corrupt "
                                "or truncated") from None
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise AdapterFileError(f"{weights_file}: tensor {PREFIX + key} holds NaN or infinite values")
     return cfg, tensors
 
 
@@ -135,6 +147,7 @@ def _check_fits(model: nn.Module, cfg: LoraConfig, tensors: dict, source: Path) 
     """Raise AdapterFileError at the first key that is missing, unexpected or misshapen; return the targets."""
     try:
         targets = find_targets(model, cfg)
+        modules_to_save(model, cfg.modules_to_save)
     except TargetError as err:
         raise AdapterFileError(f"{source / CONFIG_FILE}: {err}") from None
     expected = {}

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 from dataclasses import asdict, dataclass, field
 
+from .peft_schema import BIASES, MAX_ALPHA, checked_fields
 from .variants import VARIANTS
 
 INITS = ("kaiming", "gaussian")
-BIASES = ("none", "lora_only", "all")
 
 # PEFT's adapter_config.json keys that lorafit reads, mapped to LoraConfig fields.
 _PEFT_TO_LORAFIT = {
@@ -69,8 +70,8 @@ class LoraConfig:
             self.modules_to_save = sorted(self.modules_to_save or [])
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
             raise ConfigError(f"r must be a positive integer, got {self.r!r}")
-        if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool) or self.alpha <= 0:
-            raise ConfigError(f"alpha must be a positive number, got {self.alpha!r}")
+        if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool) or not 0 < self.alpha <= MAX_ALPHA:
+            raise ConfigError(f"alpha must be a finite number in (0, {MAX_ALPHA:g}], got {self.alpha!r}")
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if self.init not in INITS:
@@ -117,25 +118,26 @@ class LoraConfig:
 
     @classmethod
     def from_peft(cls, data: dict, source: str = "adapter_config.json") -> LoraConfig:
-        """Read PEFT's adapter_config.json; unknown keys warn, values lorafit cannot honour raise ConfigError."""
-        if data.get("peft_type", "LORA") != "LORA":
-            raise ConfigError(f"{source}: peft_type is {data.get('peft_type')!r}; lorafit reads LORA adapters only")
+        """Read PEFT's adapter_config.json: every read key type-checked (lorafit.core.peft_schema), PEFT's defaults
+        for missing ones; unknown keys warn, values lorafit cannot honour raise ConfigError naming file and key."""
+        values, problem = checked_fields(data)
+        if problem:
+            raise ConfigError(f"{source}: {problem}")
         for key, default in _PEFT_UNSUPPORTED_IF_SET.items():
-            if data.get(key, default) not in (default, None, {}, False):
-                raise ConfigError(f"{source}: {key}={data[key]!r} is not supported by lorafit (plain LoRA only)")
+            value = data.get(key)
+            if value is not None and (type(value) is not type(default) or value != default):
+                raise ConfigError(f"{source}: {key}={value!r} is not supported by lorafit (plain LoRA only: "
+                                  f"{key} must be {json.dumps(default)} or absent)")
         unknown = sorted(set(data) - set(_PEFT_TO_LORAFIT) - _PEFT_NEUTRAL)
         if unknown:
             warnings.warn(f"{source}: ignoring config keys lorafit does not know: {', '.join(unknown)}", stacklevel=2)
-        kwargs = {ours: data[theirs] for theirs, ours in _PEFT_TO_LORAFIT.items() if data.get(theirs) is not None}
-        init = kwargs.pop("init", True)
-        if init not in (True, False, "gaussian"):
-            raise ConfigError(f"{source}: init_lora_weights={init!r} is not supported (true, false or 'gaussian')")
-        kwargs["init"] = "gaussian" if init == "gaussian" else "kaiming"
+        kwargs = {ours: values[theirs] for theirs, ours in _PEFT_TO_LORAFIT.items() if values[theirs] is not None}
+        kwargs["init"] = "gaussian" if kwargs.pop("init") == "gaussian" else "kaiming"
         if isinstance(kwargs.get("layers"), int):
             kwargs["layers"] = [kwargs["layers"]]
         try:
             return cls(**kwargs)
-        except (ConfigError, TypeError) as err:
+        except ConfigError as err:
             raise ConfigError(f"{source}: {err}") from None
 
     def to_dict(self) -> dict:

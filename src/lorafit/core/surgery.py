@@ -112,10 +112,12 @@ def inject(model: nn.Module, cfg: LoraConfig, name: str = "default") -> nn.Modul
     if name in configs:
         raise ValueError(f"the model already has an adapter named {name!r}; pick another name or delete it first")
     targets = find_targets(model, cfg)
-    save = _modules_to_save(model, cfg.modules_to_save)
+    save = modules_to_save(model, cfg.modules_to_save)
     for target in targets:
-        layer = _wrap(model.get_submodule(target))
+        module = model.get_submodule(target)
+        layer = _wrap(module)
         layer.add_adapter(name, cfg.r, cfg.scale, cfg.dropout, cfg.init, cfg.variant)
+        layer.train(module.training)  # the new modules follow the mode of what they wrap: no dropout in eval()
         replace_module(model, target, layer)
     model.lora_configs = {**configs, name: cfg}
     set_adapter(model, name)
@@ -123,7 +125,8 @@ def inject(model: nn.Module, cfg: LoraConfig, name: str = "default") -> nn.Modul
     return model
 
 
-def _modules_to_save(model: nn.Module, names: list[str]) -> list[nn.Module]:
+def modules_to_save(model: nn.Module, names: list[str]) -> list[nn.Module]:
+    """The modules `names` select to train in full and save with the adapter; TargetError when names match none."""
     found = [m for n, m in _base_modules(model) if n and name_matches(n, names)]
     if names and not found:
         raise TargetError(f"modules_to_save {names!r} match no module of {type(model).__name__}")

@@ -50,11 +50,14 @@ def setup(model: nn.Module, options: MethodConfig, lora_cfg: LoraConfig) -> None
 
 
 def save_method(model: nn.Module, folder: str | os.PathLike, options: MethodConfig, base_model: str,
-                task: str) -> dict:
-    """Write what the method trained to `folder`; LoRA methods write PEFT's adapter folder."""
+                task: str, side_files: dict[str, object] | None = None) -> dict:
+    """Write what the method trained to `folder`, as a whole; LoRA methods write PEFT's adapter folder.
+
+    `side_files` ({file name: JSON value}) go into the same folder, published with it.
+    """
     if uses_lora(options):
-        return save_adapter(model, folder)
-    return save_folder(model, folder, options, base_model, task)
+        return save_adapter(model, folder, side_files=side_files)
+    return save_folder(model, folder, options, base_model, task, side_files)
 
 
 def model_inputs(model: nn.Module, batch: dict) -> tuple[dict, int]:

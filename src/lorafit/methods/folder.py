@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..core import __version__
-from ..core.files import atomic_write, write_json
+from ..core.files import publish_folder
 from ..core.surgery import trainable_parameters
 from .config import MethodConfig
 from .registry import MethodError, get
@@ -27,17 +27,19 @@ METHOD_WEIGHTS = "method_model.safetensors"
 
 
 def save_folder(model: nn.Module, folder: str | os.PathLike, options: MethodConfig, base_model: str,
-                task: str) -> dict:
-    """Write the trainable parameters and the method's config to `folder`; returns {path, file_bytes, tensor_bytes}."""
+                task: str, side_files: dict[str, object] | None = None) -> dict:
+    """Write the trainable parameters and the method's config to `folder`, published as a whole (with
+    `side_files`, {file name: JSON value}); returns {path, file_bytes, tensor_bytes}."""
     state = {name: p.detach().cpu().contiguous() for name, p in trainable_parameters(model)}
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    weights = folder / METHOD_WEIGHTS
-    atomic_write(weights, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-    write_json(folder / METHOD_CONFIG, {"method": asdict(options), "base_model_name_or_path": base_model,
-                                        "task": task, "lorafit_version": __version__})
+    config = {"method": asdict(options), "base_model_name_or_path": base_model, "task": task,
+              "lorafit_version": __version__}
+    with publish_folder(Path(folder)) as tmp:
+        save_file(state, str(tmp / METHOD_WEIGHTS), metadata={"format": "pt"})
+        for file, value in {METHOD_CONFIG: config, **(side_files or {})}.items():
+            (tmp / file).write_text(json.dumps(value, indent=2) + "\n")
+        file_bytes = (tmp / METHOD_WEIGHTS).stat().st_size
     tensor_bytes = sum(t.numel() * t.element_size() for t in state.values())
-    return {"path": str(folder), "file_bytes": weights.stat().st_size, "tensor_bytes": tensor_bytes}
+    return {"path": str(folder), "file_bytes": file_bytes, "tensor_bytes": tensor_bytes}
 
 
 def is_method_folder(folder: str | os.PathLike) -> bool:

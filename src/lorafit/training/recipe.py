@@ -127,9 +127,8 @@ def _set_up_training(cfg: RunConfig, model: nn.Module, train_set: list[Example],
 def _save_result(cfg: RunConfig, model: nn.Module, labels: list[str] | None, log: Callable[[str], None]) -> dict:
     """Save what the method trained into out/adapter (with a classifier's labels); returns save_method's info."""
     folder = Path(cfg.out) / "adapter"
-    info = methods.save_method(model, folder, cfg.method, cfg.model.name, cfg.model.task)
-    if labels is not None:  # the head's classes, in order: what a later load needs to size the head
-        write_json(folder / LABELS_FILE, labels)
+    side = {LABELS_FILE: labels} if labels is not None else {}  # the head's classes, in order: sizes the head
+    info = methods.save_method(model, folder, cfg.method, cfg.model.name, cfg.model.task, side_files=side)
     log(f"adapter saved to {info['path']} ({info['file_bytes']:,} bytes)")
     return info
 
