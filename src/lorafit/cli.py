@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -345,6 +346,9 @@ def main() -> None:
     """Entry point: user mistakes print one clear line (set LORAFIT_DEBUG=1 for the traceback)."""
     from .core import AdapterFileError, ConfigError, TargetError
 
+    # bitsandbytes warns on import that an optional CPU kernel package is missing; lorafit never uses that kernel
+    # (it dequantizes and multiplies itself), so the warning would only mislead.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         app(prog_name="lorafit")
     except (ConfigError, AdapterFileError, TargetError, FileNotFoundError, ValueError) as err:

@@ -134,3 +134,17 @@ def test_real_minilm_preset_as_a_classifier(monkeypatch):
     assert sum(p.numel() for p in model.bert.parameters()) == 22_713_216
     with torch.no_grad():
         assert model(**tok(["a noun", "a verb"], return_tensors="pt", padding=True)).logits.shape == (2, 3)
+
+
+def test_loading_shows_no_progress_bars_nor_the_new_head_warning_and_restores_both(tmp_path, capfd):
+    """A classifier's head is new by design (lorafit trains it or loads it from the adapter): transformers'
+    "newly initialized" warning and its loading bars would only mislead. Its own settings come back afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    path = saved_tiny_model(tmp_path / "model")
+    verbosity = hf_logging.get_verbosity()
+    capfd.readouterr()
+    ml.load_model(str(path), task="classification", labels=["a", "b"])
+    err = capfd.readouterr().err
+    assert "newly initialized" not in err and "Loading weights" not in err, err
+    assert hf_logging.is_progress_bar_enabled() and hf_logging.get_verbosity() == verbosity

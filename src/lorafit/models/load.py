@@ -5,7 +5,9 @@ The only module that knows how transformers loads models (presets come from lora
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import functools
 import re
 import shutil
 import struct
@@ -136,13 +138,36 @@ def load_model(model: str, task: str = "causal-lm", labels: list[str] | None = N
     tokenizer = _tokenizer(model, where, gguf)
     auto = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
     try:
-        net = auto.from_pretrained(where, **kwargs, **(_gguf_kwargs(gguf) if gguf else {}))
+        with _quiet_loading(new_head=task == "classification"):
+            net = auto.from_pretrained(where, **kwargs, **(_gguf_kwargs(gguf) if gguf else {}))
     except LOAD_ERRORS as err:
         raise _load_failed(model, where, gguf, "model", err) from err
     net.config.pad_token_id = tokenizer.pad_token_id
     if quantize != "none":
         _quantize(net, quantize, Path(where) / gguf if gguf else None, quantize_head, quantize_embeddings)
     return net.eval(), tokenizer
+
+
+@contextlib.contextmanager
+def _quiet_loading(new_head: bool):
+    """transformers' loading without its progress bars (a load takes seconds) and, for a classifier, without its
+    warning that the head is newly initialised: lorafit trains that head, or loads it from the adapter. Both are
+    restored afterwards."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils  # heavy: seconds to import
+    from transformers.utils import logging as hf_logging  # heavy: seconds to import
+
+    bars, verbosity, gguf_bar = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity(), gguf_utils.tqdm
+    hf_logging.disable_progress_bar()
+    gguf_utils.tqdm = functools.partial(gguf_bar, disable=True)  # the GGUF reader's bar ignores the switch above
+    if new_head:
+        hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = gguf_bar
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _gguf_kwargs(gguf: str) -> dict:
