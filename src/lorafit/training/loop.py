@@ -118,6 +118,7 @@ def run_loop(model: nn.Module, optimizer: torch.optim.Optimizer, train_set: list
             if (t.eval_every and (step + 1) % t.eval_every == 0) or step + 1 == t.steps:
                 with evaluation(t.precision, model):
                     row["eval_loss"] = round(mean_loss(model, val_set, cfg.eval.batch_size, pad_id, loss_of), 5)
+                    row["eval_rows"] = len(val_set)  # the rows the final table scores too (eval.limit)
             metrics.write(row, log if (step + 1) % t.log_every == 0 or "eval_loss" in row else None)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
             bar.update(1)

@@ -77,7 +77,7 @@ def train(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] = pri
     state = _resume(out, model, optimizer, log) if resume else {"step": 0, "micro_batches": 0, "seconds": 0.0}
     report["allocator"] = allocator()  # the entry point of the run chose it (`lorafit train` keeps freed memory)
     with PeakWindow() as peak:
-        state = run_loop(model, optimizer, train_set, val_set, cfg, state, tokenizer.pad_token_id, log)
+        state = run_loop(model, optimizer, train_set, eval_set, cfg, state, tokenizer.pad_token_id, log)
     release_scratch()  # the loss's buffers; evaluation below makes the small ones it needs
     info = _save_result(cfg, model, labels, log)
     report.update(steps=state["step"], train_seconds=round(state["seconds"], 1), adapter=info,
