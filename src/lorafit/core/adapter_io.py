@@ -27,6 +27,7 @@ from .surgery import TargetError, find_targets, inject, lora_layers, module_kind
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 LABELS_FILE = "labels.json"  # lorafit's own: a classifier head's class names, in order (PEFT ignores it)
+LORAFIT_FILE = "lorafit.json"  # lorafit's own record of the run, e.g. {"base_preset": ...} (PEFT ignores it)
 PREFIX = "base_model.model."
 LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_embedding_A", ".lora_embedding_B")
 

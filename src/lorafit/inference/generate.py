@@ -10,9 +10,9 @@ import torch
 from torch import nn
 from transformers import TextStreamer
 
-from ..core.adapter_io import CONFIG_FILE, LABELS_FILE, load_adapter
+from ..core.adapter_io import CONFIG_FILE, LABELS_FILE, LORAFIT_FILE, load_adapter
 from ..methods import METHOD_CONFIG, is_method_folder, load_method
-from ..models import load_model
+from ..models import PRESETS, load_model, preset_of
 from .scoring import generate_ids
 
 
@@ -29,10 +29,26 @@ def _adapter_json(adapter: str | Path, name: str | None = None):
 
 
 def base_model_of(adapter: str | Path) -> str:
-    """The base model an adapter folder was trained on (its adapter_config.json's base_model_name_or_path)."""
+    """The base model an adapter folder was trained on, as lorafit loads it.
+
+    lorafit's own record (`lorafit.json`: the preset) first; else adapter_config.json's base_model_name_or_path,
+    with a preset's cache folder (what PEFT records for an adapter made on a preset) mapped back to the preset.
+    A recorded local path that is not on this machine is an error that says what to pass instead.
+    """
+    preset = _adapter_json(adapter, LORAFIT_FILE).get("base_preset") if (Path(adapter) / LORAFIT_FILE).is_file() \
+        else None
+    if preset:
+        return preset
     name = _adapter_json(adapter).get("base_model_name_or_path")
+    source = Path(adapter) / (METHOD_CONFIG if is_method_folder(adapter) else CONFIG_FILE)
     if not name:
-        raise ValueError(f"{Path(adapter) / CONFIG_FILE}: no base_model_name_or_path recorded; pass --model")
+        raise ValueError(f"{source}: no base_model_name_or_path recorded; pass --model")
+    preset = preset_of(name)
+    if preset:
+        return preset
+    if (name.startswith(("/", "~", ".")) or "\\" in name) and not Path(name).expanduser().exists():
+        raise ValueError(f"{source}: the base model {name!r} is not on this machine; pass --model (a preset: "
+                         f"{', '.join(PRESETS)}; a model folder; or a .gguf file)")
     return name
 
 

