@@ -143,3 +143,19 @@ def test_gradients_reach_lora_and_not_base(ids):
     # B starts at zero, so only B gets a gradient at step 0 (A's gradient is B^T times something)
     layer = model.model.layers[0].self_attn.q_proj
     assert layer.lora["default"].lora_B.grad.abs().sum() > 0
+
+
+def test_disabled_gives_back_the_base_head_of_a_classifier_trained_in_full(ids):
+    """modules_to_save train in full; inside disabled() they hold their base values (as PEFT's disable_adapter),
+    so a "base" score never uses the trained head, and the trained values come back after."""
+    model = tiny_bert()
+    base_logits = model(ids).logits
+    lorafit.inject(model, LoraConfig(r=2, targets=["query", "value"], modules_to_save=["classifier"]))
+    randomize_lora(model)
+    with torch.no_grad():
+        model.classifier.weight.add_(1.0)  # as training would change the new head
+    trained = model(ids).logits
+    with lorafit.disabled(model):
+        torch.testing.assert_close(model(ids).logits, base_logits, rtol=0, atol=0)
+    torch.testing.assert_close(model(ids).logits, trained, rtol=0, atol=0)
+    assert not [key for key in model.state_dict() if "original" in key]  # the base copy is not in the state dict

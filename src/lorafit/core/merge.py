@@ -53,5 +53,5 @@ def unload(model: nn.Module, merge_first: bool = True) -> nn.Module:
         merge(model)
     for layer_name, layer in list(lora_layers(model)):
         replace_module(model, layer_name, layer.to_base())
-    model.lora_configs, model.lora_active = {}, None
+    model.lora_configs, model.lora_active, model.lora_originals = {}, None, {}
     return model

@@ -120,9 +120,24 @@ def inject(model: nn.Module, cfg: LoraConfig, name: str = "default") -> nn.Modul
         layer.train(module.training)  # the new modules follow the mode of what they wrap: no dropout in eval()
         replace_module(model, target, layer)
     model.lora_configs = {**configs, name: cfg}
+    _keep_originals(model, save)
     set_adapter(model, name)
     _freeze_all_but(model, name, cfg, save)
     return model
+
+
+def _keep_originals(model: nn.Module, modules: list[nn.Module]) -> None:
+    """Copy the base values of modules trained in full (modules_to_save), once: `disabled` puts them back.
+
+    `model.lora_originals` maps a parameter's name to its base value; a plain attribute, not in the state dict.
+    """
+    originals = getattr(model, "lora_originals", {})
+    chosen = {id(m) for m in modules}
+    for path, module in model.named_modules():
+        if id(module) in chosen:
+            for pname, param in module.named_parameters(prefix=path):
+                originals.setdefault(pname, param.detach().clone())
+    model.lora_originals = originals
 
 
 def modules_to_save(model: nn.Module, names: list[str]) -> list[nn.Module]:
@@ -182,18 +197,28 @@ def delete_adapter(model: nn.Module, name: str) -> None:
 
 @contextlib.contextmanager
 def disabled(model: nn.Module) -> Iterator[nn.Module]:
-    """Inside the block the model behaves as the base model; the adapters are kept and come back after."""
+    """Inside the block the model behaves as the base model; the adapters are kept and come back after.
+
+    Modules an adapter trains in full (modules_to_save, such as a classifier's head) hold their base values inside
+    the block, as with PEFT's disable_adapter: a "base" score never uses a trained head.
+    """
     layers = [layer for _, layer in lora_layers(model)]
     merged = [layer.merged for layer in layers if layer.merged is not None]
     if merged:
         raise RuntimeError(f"adapter {merged[0]!r} is merged into the weights; call lorafit.unmerge first")
+    params = dict(model.named_parameters(remove_duplicate=False))  # a tied head is found under its own name too
+    trained = {}
     for layer in layers:
         layer.disabled = True
+    for key, original in getattr(model, "lora_originals", {}).items():
+        trained[key], params[key].data = params[key].data, original.to(params[key].device, params[key].dtype)
     try:
         yield model
     finally:
         for layer in layers:
             layer.disabled = False
+        for key, value in trained.items():
+            params[key].data = value
 
 
 def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
