@@ -330,6 +330,26 @@ def sweep(ctx: typer.Context,
     log(f"sweep.json, sweep.md, sweep.png and every cell's run are in {out}")
 
 
+@app.command("config")
+def config_keys(markdown: Annotated[bool, typer.Option(help="print docs/config.md (a Markdown table per section)")]
+                = False):
+    """Every key of a run config (YAML section or --section.key flag) with its type, default and meaning."""
+    from .tools.configdoc import config_keys as keys
+    from .tools.configdoc import markdown as to_markdown
+
+    rows = keys()
+    if markdown:
+        sys.stdout.write(to_markdown(rows))
+        return
+    table = Table(title="run config keys (YAML: section: {key: value}; command line: --section.key value)")
+    table.add_column("key", no_wrap=True)
+    for column in ("type", "default", "meaning"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(row["key"], row["type"], row["default"], row["meaning"])
+    Console().print(table)
+
+
 @app.command()
 def inspect(adapter: Annotated[Path, typer.Argument(help="adapter folder")]):
     """Show an adapter's config and tensors (reads safetensors only)."""
