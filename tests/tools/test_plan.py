@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import lorafit
-from lorafit.models import cached_path
+from lorafit.models import fetch
 from lorafit.tools import plan as P
 from lorafit.tools import plan_report
 from tests.conftest import tiny_gpt2, tiny_llama
@@ -147,9 +147,7 @@ def test_gguf_header_alone_is_enough(tmp_path):
 
 @pytest.mark.slow
 def test_real_gguf_and_model_folder_match_the_presets():
-    gguf_file, minilm = cached_path("smollm2-135m-instruct"), cached_path("minilm-l6")
-    if gguf_file is None or minilm is None:
-        pytest.skip("lorafit's model presets are not cached here")
+    gguf_file, minilm = fetch("smollm2-135m-instruct"), fetch("minilm-l6")  # from the cache once fetched
     assert P.plan(str(gguf_file), r=8)["params"] == P.plan("smollm2-135m", r=8)["params"]
     assert P.plan(str(minilm), r=8)["params"] == P.plan("minilm-l6", r=8)["params"]
 
