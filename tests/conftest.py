@@ -55,6 +55,19 @@ def tiny_bert(seed: int = 0) -> BertForSequenceClassification:
     return BertForSequenceClassification(cfg).eval()
 
 
+def tiny_gguf(path) -> Path:
+    """A GGUF file with tiny_llama's header and no tensors at all: what needs only the config reads it."""
+    import gguf  # the GGUF writer: only these tests need it
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name("tiny")
+    w.add_block_count(2), w.add_context_length(64), w.add_embedding_length(64), w.add_feed_forward_length(96)
+    w.add_head_count(4), w.add_head_count_kv(2), w.add_layer_norm_rms_eps(1e-5), w.add_vocab_size(128)
+    w.add_tokenizer_model("llama"), w.add_token_list([f"t{i}" for i in range(128)])
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    return Path(path)
+
+
 @pytest.fixture
 def ids() -> torch.Tensor:
     return torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))

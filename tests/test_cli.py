@@ -25,6 +25,17 @@ def test_user_mistakes_are_one_clear_line_and_exit_2(tmp_path):
     assert "Traceback" not in done.stderr
     done = run_cli("inspect", str(tmp_path))
     assert done.returncode == 2 and "adapter_config.json: not found" in done.stderr
+    assert done.stderr.splitlines() == [done.stderr.strip()] and done.stderr.startswith("error: ")
+
+
+def test_debug_and_lorafit_debug_show_the_traceback(tmp_path):
+    (tmp_path / "f").write_text("a file where the output folder should go")
+    done = run_cli("plan", "gpt2", "--out", str(tmp_path / "f" / "plan"))
+    assert done.returncode == 2 and done.stderr.startswith("error: ") and len(done.stderr.splitlines()) == 1
+    assert "a file stands where a folder is needed" in done.stderr
+    for args, env in ((["--debug"], None), ([], {"LORAFIT_DEBUG": "1"})):
+        done = run_cli(*args, "plan", "gpt2", "--out", str(tmp_path / "f" / "plan"), env=env)
+        assert done.returncode == 1 and "Traceback" in done.stderr and "NotADirectoryError" in done.stderr
 
 
 @pytest.mark.slow
@@ -41,7 +52,7 @@ def test_train_eval_merge_generate_end_to_end_on_a_tiny_model(tmp_path):
     done = run_cli("generate", "--model", str(tmp_path / "merged"), "--max-new-tokens", "3", "cat hello")
     assert done.returncode == 0 and done.stdout.startswith("[base] "), done.stderr
     done = run_cli("train", str(config), "--lora.rank", "4")
-    assert done.returncode == 2 and "lora.rank: unknown key" in done.stderr
+    assert done.returncode == 2 and done.stderr == "error: --lora.rank: unknown key; did you mean --lora.r?\n"
     done = run_cli("analyze", str(tmp_path / "run" / "adapter"), "--no-base", "--out", str(tmp_path / "analyze"))
     assert done.returncode == 0 and "## ΔW spectra" in done.stdout, done.stderr
     assert (tmp_path / "analyze" / "spectra.png").is_file()

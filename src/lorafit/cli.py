@@ -20,6 +20,16 @@ bench_app = typer.Typer(no_args_is_help=True, help="Measure speed and memory (re
 app.add_typer(bench_app, name="bench")
 EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
 Quantize = Annotated[str, typer.Option(help="none, nf4, int8 or gguf: hold the base's block weights quantized")]
+Temperature = Annotated[float, typer.Option(min=0.0, help="0: greedy; above 0: sampling, hotter as it grows")]
+_debug = False  # --debug: errors show their traceback (set by the app's callback, read by main)
+
+
+@app.callback()
+def options(debug: Annotated[bool, typer.Option("--debug", help="show the traceback of an error (or set "
+                                                "LORAFIT_DEBUG=1)")] = False) -> None:
+    """Options of the `lorafit` command itself, before the subcommand."""
+    global _debug
+    _debug = debug
 
 
 def log(message: str) -> None:
@@ -40,8 +50,10 @@ def reproduce_flip(
     out: Annotated[Path, typer.Option(help="output folder")] = Path("runs/flip"),
 ):
     """The first talk's experiment: base vs LoRA vs full vs last-layer fine-tuning on flipped images."""
+    from .core.files import check_writable
     from .tools.experiments.flip import FlipConfig, format_table, run
 
+    check_writable(out)
     cfg = FlipConfig(data=data, flip=flip, rank=rank, fraction=fraction, seed=seed, base_epochs=base_epochs,
                      tune_epochs=tune_epochs, out=out, classes=tuple(int(c) for c in classes.split(",")))
     results = run(cfg, log=log)
@@ -105,8 +117,8 @@ def generate(prompt: Annotated[list[str], typer.Argument(help="prompt(s); each i
              model: Annotated[str | None, typer.Option(help="base model (default: the adapter's base)")] = None,
              no_adapter: Annotated[bool, typer.Option("--no-adapter", help="the base model alone")] = False,
              compare_base: Annotated[bool, typer.Option(help="also answer with the base model, first")] = False,
-             max_new_tokens: Annotated[int, typer.Option(help="generation budget")] = 64,
-             temperature: Annotated[float, typer.Option(help="0: greedy")] = 0.0,
+             max_new_tokens: Annotated[int, typer.Option(min=1, help="generation budget")] = 64,
+             temperature: Temperature = 0.0,
              quantize: Quantize = "none"):
     """Generate, streaming tokens, with each adapter in turn (or none)."""
     from .core.surgery import disabled, set_adapter
@@ -119,7 +131,7 @@ def generate(prompt: Annotated[list[str], typer.Argument(help="prompt(s); each i
         for text in prompt:
             sys.stdout.write(f"[{name}] ")
             gen.stream(net, tokenizer, gen.render(tokenizer, text), max_new_tokens, temperature,
-                       on_text=lambda t: (sys.stdout.write(t), sys.stdout.flush()))
+                       on_text=lambda t: (sys.stdout.write(t), sys.stdout.flush()), log=log)
             sys.stdout.write("\n")
 
     if compare_base or not names:
@@ -133,8 +145,8 @@ def generate(prompt: Annotated[list[str], typer.Argument(help="prompt(s); each i
 @app.command()
 def chat(adapter: Annotated[Path | None, typer.Option(help="adapter folder")] = None,
          model: Annotated[str | None, typer.Option(help="base model (default: the adapter's base)")] = None,
-         max_new_tokens: Annotated[int, typer.Option(help="budget per answer")] = 256,
-         temperature: Annotated[float, typer.Option(help="0: greedy")] = 0.0,
+         max_new_tokens: Annotated[int, typer.Option(min=1, help="budget per answer")] = 256,
+         temperature: Temperature = 0.0,
          quantize: Quantize = "none"):
     """Talk to the model in the terminal (empty line or Ctrl-D ends); answers stream as they are generated."""
     from .inference import generate as gen
@@ -151,7 +163,7 @@ def chat(adapter: Annotated[Path | None, typer.Option(help="adapter folder")] = 
         history.append({"role": "user", "content": text})
         sys.stdout.write("model> ")
         answer = gen.stream(net, tokenizer, gen.render(tokenizer, history), max_new_tokens, temperature,
-                            on_text=lambda t: (sys.stdout.write(t), sys.stdout.flush()))
+                            on_text=lambda t: (sys.stdout.write(t), sys.stdout.flush()), log=log)
         sys.stdout.write("\n")
         history.append({"role": "assistant", "content": answer.strip()})
 
@@ -170,8 +182,9 @@ def merge(adapter: Annotated[Path, typer.Option(help="adapter folder")],
     """Fold the adapter into the base weights and write a plain model folder (safetensors, config, tokenizer)."""
     from .inference import generate as gen
     from .methods import check_mergeable
-    from .models import save_merged
+    from .models import check_merge_target, save_merged
 
+    check_merge_target(out, overwrite)  # before the minutes of loading: a full folder or a file in the way
     check_mergeable(adapter)
     net, tokenizer, _ = gen.load_with_adapters(model, [str(adapter)], task=task, quantize=quantize,
                                                quantize_embeddings=quantize_embeddings)
@@ -270,9 +283,11 @@ def plan(source: Annotated[str, typer.Argument(help="preset (gpt2, gpt2-medium, 
          checkpointing: Annotated[bool, typer.Option(help="assume full gradient checkpointing")] = False,
          out: Annotated[Path, typer.Option(help="folder for plan.json, plan.md, plan.png")] = Path("runs/plan")):
     """Parameters, adapter file size and training memory (full, LoRA, QLoRA) from a model config; no weights."""
+    from .core.files import check_writable
     from .tools.plan import plan as make_plan
     from .tools.plan_report import format_plan, write_report
 
+    check_writable(out)
     result = make_plan(source, r=r, alpha=alpha, targets=targets.split(",") if targets else None,
                        batch_size=batch_size, seq_len=seq_len, adapter_dtype=adapter_dtype, checkpointing=checkpointing)
     print(format_plan(result))
@@ -290,9 +305,11 @@ def analyze(adapter: Annotated[Path, typer.Argument(help="adapter folder")],
             seed: Annotated[int, typer.Option(help="seed of the random directions in the amplification table")] = 0,
             out: Annotated[Path, typer.Option(help="output folder")] = Path("runs/analyze")):
     """What the adapter learned (Hu et al. 2021, section 7): ΔW spectra, subspace similarity, amplification."""
+    from .core.files import check_writable
     from .tools.analyze import analyze as run
     from .tools.analyze_report import format_tables, write_report
 
+    check_writable(out)
     weights = None
     if not no_base:
         from .inference.generate import base_model_of, task_of
@@ -321,9 +338,11 @@ def sweep(ctx: typer.Context,
     """Ablation grid from one config: each cell trains in its own process; finished cells are not re-run.
 
     Extra `--section.key value` options apply to every cell (e.g. --train.steps 50)."""
+    from .core.files import check_writable
     from .tools.sweep import format_table
     from .tools.sweep import sweep as run
 
+    check_writable(out)
     result = run(config, grid or ["rank"], out, extra=list(ctx.args), family=family,
                  only=only.split(",") if only else None, log=log)
     print(format_table(result))
@@ -362,17 +381,42 @@ def inspect(adapter: Annotated[Path, typer.Argument(help="adapter folder")]):
         " bytes")
 
 
-def main() -> None:
-    """Entry point: user mistakes print one clear line (set LORAFIT_DEBUG=1 for the traceback)."""
-    from .core import AdapterFileError, ConfigError, TargetError
-
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: a user-caused failure prints one line, `error: ...`, and exits with 2; a bug keeps its
+    traceback. `lorafit --debug ...` or LORAFIT_DEBUG=1 shows the traceback of every error."""
     # bitsandbytes warns on import that an optional CPU kernel package is missing; lorafit never uses that kernel
     # (it dequantizes and multiplies itself), so the warning would only mislead.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
-        app(prog_name="lorafit")
-    except (ConfigError, AdapterFileError, TargetError, FileNotFoundError, ValueError) as err:
-        if os.environ.get("LORAFIT_DEBUG"):
-            raise
-        log(f"error: {err}")
-        raise SystemExit(2) from None
+        code = app(args=argv, prog_name="lorafit", standalone_mode=False)
+    except typer.Abort:
+        log("Aborted!")
+        raise SystemExit(1) from None
+    except typer.TyperException as err:  # click's usage errors: an unknown option, a value out of range, ...
+        if type(err).__name__ == "NoArgsIsHelpError":
+            raise SystemExit(2) from None  # the help is printed already
+        ctx = getattr(err, "ctx", None)
+        hint = f" (see {ctx.command_path} --help)" if ctx is not None else ""
+        _fail(err, f"{err.format_message()}{hint}")
+    except Exception as err:
+        message = _user_error(err)
+        if message is None:
+            raise  # a bug: its traceback is what a report needs
+        _fail(err, message)
+    if isinstance(code, int) and code:
+        raise SystemExit(code)
+
+
+def _user_error(err: Exception) -> str | None:
+    """The one line for a failure the user can fix (a bad value, file or path, a full disk), else None."""
+    from .core.files import describe_os_error
+
+    # ValueError: ConfigError, DataError, ModelError, AdapterFileError, TargetError, ... all name what to fix
+    return str(err) if isinstance(err, ValueError) else describe_os_error(err)
+
+
+def _fail(err: BaseException, message: str) -> None:
+    if _debug or os.environ.get("LORAFIT_DEBUG", "") not in ("", "0"):
+        raise err
+    log("error: " + " ".join(message.split()))  # one line, whatever the message held
+    raise SystemExit(2) from None

@@ -18,6 +18,7 @@ from lorafit import ConfigError, LoraConfig
     ({"targets": []}, "targets must be a non-empty list"),
     ({"targets": 3}, "targets must be a list"),
     ({"layers": [-1]}, "layers must be a list of block indices"),
+    ({"targets": r"q_proj("}, r"targets 'q_proj\(' is not a valid regular expression"),
 ])
 def test_bad_values_are_refused_with_the_field_name(kwargs, match):
     with pytest.raises(ConfigError, match=match):

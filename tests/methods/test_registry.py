@@ -55,5 +55,5 @@ def test_the_run_config_asks_the_registry_whether_a_method_trains_base_weights(n
     load_run_config(None, ["--data.train", str(data), "--method", "norms"])  # fine on a dense base
     with pytest.raises(ConfigError, match="method norms trains base weights"):
         load_run_config(None, ["--data.train", str(data), "--method", "norms", "--model.quantize", "nf4"])
-    with pytest.raises(ConfigError, match="method must be one of"):
+    with pytest.raises(ConfigError, match="--method.name: must be one of"):
         load_run_config(None, ["--data.train", str(data), "--method", "nope"])

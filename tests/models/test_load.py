@@ -110,7 +110,7 @@ def test_save_merged_refuses_a_non_empty_folder_before_touching_the_model(tmp_pa
     lorafit.inject(model, lorafit.LoraConfig(r=4, targets=["q_proj"]))
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")
-    with pytest.raises(ModelError, match="out: exists and is not empty; pass overwrite=True"):
+    with pytest.raises(ModelError, match=r"out: exists and is not empty; pass --overwrite \(overwrite=True"):
         ml.save_merged(model, tok, tmp_path / "out")
     assert list(lorafit.lora_layers(model)) and (tmp_path / "out" / "keep.txt").is_file()
     out = ml.save_merged(model, tok, tmp_path / "out", overwrite=True)

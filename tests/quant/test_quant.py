@@ -146,7 +146,7 @@ def test_run_config_validates_quantize():
 
     base = ["--data.train", "x.jsonl"]
     assert load_run_config(None, [*base, "--model.quantize", "nf4"]).model.quantize == "nf4"
-    with pytest.raises(ConfigError, match="model: quantize must be one of none, nf4, int8, gguf"):
+    with pytest.raises(ConfigError, match="--model.quantize: must be one of none, nf4, int8, gguf"):
         load_run_config(None, [*base, "--model.quantize", "fp4"])
     with pytest.raises(ConfigError, match="method full trains base weights"):
         load_run_config(None, [*base, "--model.quantize", "nf4", "--method", "full"])
@@ -215,7 +215,7 @@ def test_the_head_is_quantized_only_when_asked_and_never_a_tied_one(ids):
     from lorafit.core.config import ConfigError
     from lorafit.training.config import load_run_config
 
-    with pytest.raises(ConfigError, match="quantize_head needs quantize: nf4 or int8"):
+    with pytest.raises(ConfigError, match="--model.quantize_head: needs quantize: nf4 or int8"):
         load_run_config(None, ["--data.train", "x.jsonl", "--model.quantize_head", "true"])
 
 
@@ -291,7 +291,7 @@ def test_lora_refuses_a_quantized_embedding_with_a_hint():
     from lorafit.core.config import ConfigError
     from lorafit.training.config import load_run_config
 
-    with pytest.raises(ConfigError, match="quantize_embeddings needs quantize"):
+    with pytest.raises(ConfigError, match="--model.quantize_embeddings: needs quantize"):
         load_run_config(None, ["--data.train", "x.jsonl", "--model.quantize_embeddings", "true"])
 
 

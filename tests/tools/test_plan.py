@@ -3,7 +3,6 @@
 import json
 import math
 
-import gguf
 import pytest
 import torch
 
@@ -11,7 +10,7 @@ import lorafit
 from lorafit.models import fetch
 from lorafit.tools import plan as P
 from lorafit.tools import plan_report
-from tests.conftest import tiny_gpt2, tiny_llama
+from tests.conftest import tiny_gguf, tiny_gpt2, tiny_llama
 
 
 def gpt2_params(n_layer: int, d: int, vocab: int = 50257, n_pos: int = 1024) -> int:
@@ -126,18 +125,8 @@ def test_activations_follow_korthikanti(checkpointing):
     assert res["memory"]["lora"]["activations"] == pytest.approx(kept + 4 * s * b * vocab, rel=1e-12)
 
 
-def _tiny_gguf(path):
-    """A GGUF file with a Llama header and no tensors at all: planning must need nothing else."""
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_name("tiny")
-    w.add_block_count(2), w.add_context_length(64), w.add_embedding_length(64), w.add_feed_forward_length(96)
-    w.add_head_count(4), w.add_head_count_kv(2), w.add_layer_norm_rms_eps(1e-5), w.add_vocab_size(128)
-    w.add_tokenizer_model("llama"), w.add_token_list([f"t{i}" for i in range(128)])
-    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
-
-
 def test_gguf_header_alone_is_enough(tmp_path):
-    _tiny_gguf(tmp_path / "tiny.gguf")
+    tiny_gguf(tmp_path / "tiny.gguf")
     res = P.plan(str(tmp_path / "tiny.gguf"), r=4)
     reference = tiny_llama()  # the same shapes; the GGUF has no output.weight, so its head is tied
     untied_head = reference.lm_head.weight.numel()

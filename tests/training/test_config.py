@@ -36,17 +36,23 @@ def test_compile_takes_true_false_or_auto(tmp_path):
 
 
 @pytest.mark.parametrize("text, overrides, match", [
-    ("data:\n  train: t.jsonl\nlora:\n  rank: 4\n", [], r"run.yaml: lora.rank: unknown key"),
-    ("data:\n  train: t.jsonl\n", ["--train.lr", "fast"], r"train.lr: Input should be a valid number"),
-    ("data:\n  train: t.jsonl\n", ["--lora.r", "0"], r"lora: r must be a positive integer"),
-    ("data:\n  train: t.jsonl\n", ["--trian.lr", "1"], r"trian: unknown key"),
-    ("model:\n  name: x\n", [], r"data: required key is missing"),
+    ("data:\n  train: t.jsonl\nlora:\n  rank: 4\n", [], r"run.yaml: lora.rank: unknown key; did you mean lora.r\?"),
+    ("data:\n  train: t.jsonl\n", ["--train.lr", "fast"], r"^--train.lr: Input should be a valid number"),
+    ("data:\n  train: t.jsonl\n", ["--lora.r", "0"], r"^--lora.r: must be a positive integer"),
+    ("data:\n  train: t.jsonl\n", ["--lora.rank", "8"], r"^--lora.rank: unknown key; did you mean --lora.r\?$"),
+    ("data:\n  train: t.jsonl\n", ["--trian.lr", "1"], r"^--trian.lr: unknown section; did you mean --train.lr\?$"),
+    ("data:\n  train: t.jsonl\ntrian:\n  lr: 1\n", [], r"run.yaml: trian: unknown section; did you mean train\?"),
+    ("model:\n  name: x\n", [], r"run.yaml: data.train: required key is missing"),
     ("data:\n  train: t.jsonl\n", ["--train.steps"], r"--train.steps has no value"),
-    ("data:\n  train: t.jsonl\n", ["--train.device", "tpu"], r"train: device must be auto, cpu, cuda or cuda:N"),
-    ("data:\n  train: t.jsonl\n", ["--train.compile", "sometimes"], r"train: compile must be true, false or auto"),
-    ("data:\n  train: t.jsonl\n", ["--out.dir", "x"], r"out: takes a value, not keys under it \(--out VALUE\)"),
-    ("data: [1, 2\n", [], r"not valid YAML"),
-    ("data:\n  train: t.jsonl\nmodel:\n  task: regression\n", [], r"model: task must be"),
+    ("data:\n  train: t.jsonl\n", ["--train.device", "tpu"], r"^--train.device: must be auto, cpu, cuda or cuda:N"),
+    ("data:\n  train: t.jsonl\n", ["--train.compile", "sometimes"], r"^--train.compile: must be true, false or auto"),
+    ("data:\n  train: t.jsonl\n", ["--out.dir", "x"], r"^--out.dir: takes a value, not keys under it \(--out VALUE\)"),
+    ("data:\n  train: t.jsonl\n", ["--eval.limit", "0"], r"^--eval.limit: must be >= 1, or null"),
+    ("data:\n  train: t.jsonl\n", ["--lora.targets", "q_proj("], r"^--lora.targets: 'q_proj\(' is not a valid regular"),
+    ("data:\n  train: t.jsonl\n", ["--lora.targets", "[q"], r"^--lora.targets: value '\[q' is not valid YAML"),
+    ("data:\n  train: t.jsonl\nlora:\n  targets: q(\n", [], r"run.yaml: lora.targets: 'q\(' is not a valid regular"),
+    ("data: [1, 2\n", [], r"run.yaml: not valid YAML at line 2, column 1: expected ',' or ']'"),
+    ("data:\n  train: t.jsonl\nmodel:\n  task: regression\n", [], r"run.yaml: model.task: must be"),
 ])
 def test_bad_configs_name_file_and_key(tmp_path, text, overrides, match):
     with pytest.raises(ConfigError, match=match):

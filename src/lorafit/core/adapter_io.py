@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .config import ConfigError, LoraConfig
-from .files import publish_folder, read_folder
+from .folders import publish_folder, read_folder
 from .lora import LoraEmbedding, LoraLayer, LowRankEmbedding
 from .surgery import TargetError, find_targets, inject, lora_layers, module_kind, modules_to_save, name_matches
 
@@ -101,7 +101,8 @@ def read_adapter(path: str | os.PathLike) -> tuple[LoraConfig, dict[str, torch.T
     folder = Path(path)
     config_file, weights_file = folder / CONFIG_FILE, folder / WEIGHTS_FILE
     if not folder.is_dir():
-        raise AdapterFileError(f"{folder}: not an adapter folder (it holds {CONFIG_FILE} and {WEIGHTS_FILE})")
+        what = "not a folder" if folder.exists() else "not found"
+        raise AdapterFileError(f"{folder}: {what} (an adapter folder holds {CONFIG_FILE} and {WEIGHTS_FILE})")
     try:
         raw = read_folder(folder, (CONFIG_FILE, WEIGHTS_FILE))
     except FileNotFoundError as err:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import warnings
 from dataclasses import asdict, dataclass, field
 
@@ -46,6 +47,15 @@ class ConfigError(ValueError):
     """A config value (from code, a file or the command line) that lorafit cannot use."""
 
 
+def _check_regex(pattern: str) -> None:
+    """A targets string is a regex over full module names (surgery's re.fullmatch): it must compile."""
+    try:
+        re.compile(pattern)
+    except re.error as err:
+        raise ConfigError(f"targets {pattern!r} is not a valid regular expression ({err}); fix it, or pass a list "
+                          "of module names (e.g. [q_proj, v_proj])") from None
+
+
 @dataclass
 class LoraConfig:
     """Which modules get a low-rank update ΔW = BA and how it is built (Hu et al. 2021, section 4)."""
@@ -82,6 +92,8 @@ class LoraConfig:
             raise ConfigError(f"targets must be a non-empty list of module names or a regex, got {self.targets!r}")
         if not isinstance(self.targets, (list, str)):
             raise ConfigError(f"targets must be a list of module names or a regex string, got {self.targets!r}")
+        if isinstance(self.targets, str) and self.targets != "all-linear":
+            _check_regex(self.targets)
         if self.variant not in VARIANTS:
             raise ConfigError(f"variant must be one of {', '.join(sorted(VARIANTS))}, got {self.variant!r}")
         if self.layers is not None and not all(isinstance(i, int) and i >= 0 for i in self.layers):

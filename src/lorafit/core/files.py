@@ -1,22 +1,125 @@
-"""Atomic writes: a file through a temp file and a rename, a folder through a temp folder swapped in whole.
+"""Writing files safely: atomic writes (a temp file in the same folder, then a rename: a crash leaves the old file
+or the new one), a check that a folder can be written before any work starts, and OS errors as one line.
 
-A crash leaves the old file or folder or the new one, never a mix, and a reader that goes through
-`read_folder` never sees one folder's file beside another's.
+Writers that wrap an OS error in their own exception (safetensors' SafetensorError says "No space left on device
+(os error 28)") are re-raised as the OSError they are, naming the file, so every caller sees one kind of error.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
+import contextlib
 import errno
 import json
 import os
+import re
 import shutil
 import tempfile
-import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
+
+from safetensors import SafetensorError
+
+_WRAPPED_OS_ERROR = re.compile(r"\(os error (\d+)\)")  # how Rust's std::io::Error (safetensors) names an errno
+
+# What to do about each errno a user can cause, as the CLI says it (the Python API's words in brackets).
+_OS_HINTS = {
+    errno.ENOSPC: "no space left on device writing {path}: free space or choose another --out (output folder)",
+    errno.EDQUOT: "disk quota exceeded writing {path}: free space or choose another --out (output folder)",
+    errno.EROFS: "cannot write {path}: read-only file system; choose another --out (output folder)",
+    errno.EACCES: "cannot write {path}: permission denied; choose another --out (output folder) or fix its "
+                  "permissions",
+    errno.EPERM: "cannot write {path}: operation not permitted; choose another --out (output folder)",
+    errno.ENOTDIR: "{path}: a file stands where a folder is needed; choose another path",
+    errno.EEXIST: "{path}: exists and is a file, not a folder; choose another path or remove it",
+    errno.EISDIR: "{path}: is a folder where a file is needed; choose another path",
+    errno.ENOENT: "{path}: not found; check the path",
+    errno.ENAMETOOLONG: "{path}: file name too long; choose a shorter path",
+}
+USER_ERRNOS = frozenset(_OS_HINTS)
+
+
+def os_error_of(err: BaseException, path: str | os.PathLike | None = None) -> OSError | None:
+    """`err` as an OSError when it is one or wraps one (safetensors' "(os error N)"), else None."""
+    if isinstance(err, OSError):
+        return err
+    found = _WRAPPED_OS_ERROR.search(str(err)) if isinstance(err, SafetensorError) else None
+    if found is None:
+        return None
+    code = int(found.group(1))
+    named = re.search(r'at path "([^"]+)"', str(err))
+    return OSError(code, os.strerror(code), str(path) if path is not None else (named.group(1) if named else None))
+
+
+@contextlib.contextmanager
+def os_errors_named(path: str | os.PathLike) -> Iterator[None]:
+    """Re-raise an OS error a writer wrapped in its own exception (or one that names no file) as an OSError
+    naming `path`.
+
+    torch.save reports a full disk as an opaque RuntimeError ("unexpected pos ..."): a writer's error while the
+    disk under `path` has no free byte left is taken for what it almost surely is, ENOSPC.
+    """
+    try:
+        yield
+    except OSError as err:
+        if err.filename is None and err.errno is not None:  # a failed write() names no file: name it
+            raise OSError(err.errno, err.strerror, str(path)) from err
+        raise
+    except Exception as err:
+        wrapped = os_error_of(err, path)
+        if wrapped is None and _no_space_left(Path(path)):
+            wrapped = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        if wrapped is None:
+            raise
+        raise wrapped from err
+
+
+def _no_space_left(path: Path) -> bool:
+    existing = next((p for p in [path, *path.absolute().parents] if p.exists()), None)
+    try:
+        return existing is not None and shutil.disk_usage(existing).free == 0
+    except OSError:
+        return False
+
+
+def describe_os_error(err: BaseException) -> str | None:
+    """One line for an OS error a user can fix (full disk, read-only folder, a file in the way), also when a
+    writer wrapped it (safetensors); None for any other error."""
+    err = os_error_of(err)
+    if err is None or (err.errno is not None and err.errno not in _OS_HINTS):
+        return None
+    if err.errno is None:  # raised with a message of its own: FileNotFoundError("--resume: no checkpoint ...")
+        return str(err)
+    path = err.filename if err.filename is not None else "the output"
+    if err.errno == errno.ENOTDIR and err.filename is not None:
+        blocker = _file_in_the_way(Path(err.filename))
+        path = f"{err.filename} ({blocker} is a file)" if blocker else err.filename
+    return _OS_HINTS[err.errno].format(path=path)
+
+
+def _file_in_the_way(path: Path) -> Path | None:
+    """The nearest ancestor of `path` that exists and is not a folder (why `path` cannot be a folder)."""
+    for parent in [path, *path.parents]:
+        if parent.exists():
+            return parent if not parent.is_dir() else None
+    return None
+
+
+def check_writable(folder: str | os.PathLike) -> None:
+    """Raise the OSError that writing into `folder` would meet, before any work starts; creates nothing.
+
+    The folder need not exist: its nearest existing ancestor must be a writable folder on a writable file system.
+    """
+    folder = Path(folder).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(folder))
+    blocker = _file_in_the_way(folder)
+    if blocker is not None:
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(folder))
+    existing = next(p for p in [folder, *folder.absolute().parents] if p.exists())
+    if os.statvfs(existing).f_flag & os.ST_RDONLY:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(folder))
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(existing))
 
 
 def atomic_write(path: Path, write: Callable[[str], None]) -> None:
@@ -26,7 +129,8 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        write(tmp)
+        with os_errors_named(path):
+            write(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -39,94 +143,3 @@ def write_text(path: Path, text: str) -> None:
 
 def write_json(path: Path, data: dict) -> None:
     write_text(path, json.dumps(data, indent=2) + "\n")
-
-
-_AT_FDCWD, _RENAME_EXCHANGE = -100, 2  # Linux's renameat2: swap two paths in one step
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap the folders at `a` and `b` atomically (Linux renameat2); False where the system cannot."""
-    name = ctypes.util.find_library("c")
-    renameat2 = getattr(ctypes.CDLL(name, use_errno=True), "renameat2", None) if name else None
-    if renameat2 is None:
-        return False
-    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
-        return True
-    code = ctypes.get_errno()
-    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # a filesystem or kernel without exchange
-        return False
-    raise OSError(code, os.strerror(code), str(b))
-
-
-@contextmanager
-def publish_folder(folder: Path, keep: tuple[str, ...] = ()) -> Iterator[Path]:
-    """`with publish_folder(folder) as tmp:` write the folder's files into `tmp`; on leaving, it replaces `folder`.
-
-    The new folder is swapped in whole (one atomic exchange on Linux), so a reader sees the old folder or the new
-    one. It holds what was written into `tmp`, plus the old folder's files named in `keep` that were not written
-    anew. On an error nothing changes.
-    """
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
-    try:
-        yield tmp
-        if folder.is_dir():
-            for name in keep:
-                if (folder / name).is_file() and not (tmp / name).exists():
-                    shutil.copy2(folder / name, tmp / name)
-        tmp.chmod(0o777 & ~_umask())
-        if not folder.exists():
-            os.rename(tmp, folder)
-        elif not _exchange(tmp, folder):  # elsewhere: two renames, with a moment where `folder` is absent
-            aside = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.old-"))
-            os.rename(folder, aside / "old")
-            os.rename(tmp, folder)
-            tmp = aside
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # the new folder's temp after an error, or the old folder
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def read_folder(folder: Path, names: tuple[str, ...], attempts: int = 20) -> dict[str, bytes]:
-    """The bytes of files `names` of `folder`, all from one version of it while `publish_folder` replaces it.
-
-    The folder is opened once and the files are read relative to that handle, so a swap between two reads cannot
-    pair one version's file with another's; a version removed while being read is read again from the new one.
-    FileNotFoundError names the first missing file when the folder itself lacks it.
-    """
-    for attempt in range(attempts):
-        try:
-            handle = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-        except FileNotFoundError:  # between the two renames of a swap where the system has no exchange
-            if attempt == attempts - 1:
-                raise
-            time.sleep(0.001)
-            continue
-        try:
-            return {name: _read_at(handle, name) for name in names}
-        except FileNotFoundError:
-            if attempt == attempts - 1 or not _swapped(folder, handle):
-                raise
-        finally:
-            os.close(handle)
-    raise AssertionError("unreachable")
-
-
-def _read_at(handle: int, name: str) -> bytes:
-    fd = os.open(name, os.O_RDONLY, dir_fd=handle)
-    with os.fdopen(fd, "rb") as f:
-        return f.read()
-
-
-def _swapped(folder: Path, handle: int) -> bool:
-    """True when `folder` now names another folder than the one `handle` opened (a newer version)."""
-    try:
-        return os.stat(folder).st_ino != os.fstat(handle).st_ino
-    except FileNotFoundError:
-        return True  # between the two renames of a swap without exchange

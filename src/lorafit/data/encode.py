@@ -155,7 +155,8 @@ def _encode_lm(row: Row, fmt: str, tokenizer, cfg: DataConfig) -> Example:
     if len(ids) > cfg.max_length:
         if cfg.overflow == "error":
             raise DataError(f"{row.where}: {len(ids)} tokens, more than max_length={cfg.max_length}; raise "
-                            "max_length, shorten the row, or set overflow='truncate'")
+                            "--data.max_length, shorten the row, or pass --data.overflow truncate "
+                            "(overflow='truncate' in Python)")
         if not cfg.packing:  # packed, a long example simply runs on into the next row
             keep = slice(0, cfg.max_length) if fmt == "text" else slice(len(ids) - cfg.max_length, None)
             ids, labels = ids[keep], labels[keep]
@@ -170,7 +171,8 @@ def _encode_class(row: Row, tokenizer, cfg: DataConfig, index: dict[str, int]) -
     ids = ids["input_ids"]
     if len(ids) > cfg.max_length:
         raise DataError(f"{row.where}: {len(ids)} tokens, more than max_length={cfg.max_length}; raise "
-                        "max_length, shorten the text, or set overflow='truncate'")
+                        "--data.max_length, shorten the text, or pass --data.overflow truncate "
+                        "(overflow='truncate' in Python)")
     return Example(ids, index[row.fields["label"]])
 
 
@@ -182,7 +184,8 @@ def encode(rows: list[Row], fmt: str, tokenizer, cfg: DataConfig, labels: list[s
         if labels is None:
             raise ValueError("classification rows need labels=label_set(train, val) to map labels to indices")
         if cfg.packing:
-            raise DataError("packing=True applies to causal LM formats, not classification; set packing=False")
+            raise DataError("data.packing applies to causal LM formats, not classification; drop --data.packing "
+                            "(packing=False in Python)")
         index = {label: i for i, label in enumerate(labels)}
         return [_encode_class(row, tokenizer, cfg, index) for row in rows]
     if fmt not in FORMATS:

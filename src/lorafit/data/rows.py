@@ -214,21 +214,22 @@ def read_rows(path: str | os.PathLike, fmt: str = "auto", skip_bad_rows: bool = 
             fmt = _detect(record) or ""
             if not fmt:
                 raise DataError(f"{_where(source, line)}: cannot tell the format from fields {sorted(record)}; "
-                                f"rows need {REQUIRED} (or set format explicitly)")
+                                f"rows need {REQUIRED} (or set data.format: --data.format NAME)")
         problem = record if isinstance(record, str) else _check(record, fmt)
         if isinstance(problem, str):
             message = f"{_where(source, line)}: {problem}"
             if not skip_bad_rows:
-                raise DataError(f"{message}. Fix the row, or set skip_bad_rows=True to skip bad rows")
+                raise DataError(f"{message}. Fix the row, or skip bad rows with --data.skip_bad_rows true "
+                                "(skip_bad_rows=True in Python)")
             bad.append(message)
             continue
         rows.append(Row(problem, str(source), line))
     rows.skipped = len(bad)
-    if bad:
-        log(f"{source}: skipped {len(bad)} bad row(s), kept {len(rows)}; first: {bad[0]}")
-    if not rows:
+    if not rows:  # the error says it all: no note about skipping first
         why = f"all {len(bad)} rows are bad; first: {bad[0]}" if bad else "the file holds no rows"
         raise DataError(f"{source}: no data to use ({why})")
+    if bad:
+        log(f"{source}: skipped {len(bad)} bad row(s), kept {len(rows)}; first: {bad[0]}")
     return rows, fmt
 
 
@@ -286,5 +287,5 @@ def label_set(train: list[Row], val: list[Row]) -> list[str]:
             shown = ", ".join(labels[:10]) + (", ..." if len(labels) > 10 else "")
             raise DataError(f"{row.where}: validation label {row.fields['label']!r} never occurs in the training "
                             f"data, whose {len(labels)} labels are {shown}. Fix the label, add training rows "
-                            "with it, or set skip_bad_rows=True to skip such rows")
+                            "with it, or skip such rows with --data.skip_bad_rows true (skip_bad_rows=True in Python)")
     return labels

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from transformers import TextStreamer
 
 from ..core.adapter_io import CONFIG_FILE, LABELS_FILE, LORAFIT_FILE, load_adapter
 from ..methods import METHOD_CONFIG, is_method_folder, load_method
+from ..methods.virtual import virtual_tokens_of
 from ..models import PRESETS, load_model, preset_of
 from .scoring import generate_ids
 
@@ -128,10 +130,40 @@ class _CallbackStreamer(TextStreamer):
         self.on_text(text)
 
 
+def fit_context(model: nn.Module, ids: torch.Tensor, max_new_tokens: int, log: Callable[[str], None]) -> torch.Tensor:
+    """The prompt ids (1, T), cut from the left so that prompt + max_new_tokens fits the model's context.
+
+    Past its `max_position_embeddings` a model has no trained positions: it generates garbage, with at most a
+    library warning. The oldest tokens go first (in a chat, the oldest turns) and `log` says so; a budget that
+    leaves no room for a prompt is a ValueError. Models without a recorded context length are not cut.
+    """
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if not isinstance(context, int):
+        return ids
+    virtual = virtual_tokens_of(model)  # prompt or prefix tuning: its tokens take context positions too
+    room = context - max_new_tokens - (virtual.n if virtual is not None else 0)
+    if room < 1:
+        raise ValueError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the model's context of "
+                         f"{context} tokens; use at most {max_new_tokens + room - 1}")
+    if ids.shape[1] > room:
+        log(f"prompt truncated to {room} tokens (the model's context is {context}; {ids.shape[1]} prompt tokens "
+            f"+ --max-new-tokens {max_new_tokens} did not fit): its oldest tokens were dropped")
+        return ids[:, -room:]
+    return ids
+
+
 @torch.no_grad()
 def stream(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0,
-           on_text: Callable[[str], None] | None = None) -> str:
-    """Generate from rendered `prompt`, sending text to `on_text` as it comes; returns the whole completion."""
+           on_text: Callable[[str], None] | None = None, log: Callable[[str], None] | None = None) -> str:
+    """Generate from rendered `prompt`, sending text to `on_text` as it comes; returns the whole completion.
+
+    temperature 0 is greedy, above 0 samples. A prompt too long for the model's context is cut from the left
+    (see `fit_context`) and `log` (default: a warning) says so.
+    """
+    if not max_new_tokens >= 1:
+        raise ValueError(f"max_new_tokens (--max-new-tokens) must be >= 1, got {max_new_tokens}")
+    if not temperature >= 0:
+        raise ValueError(f"temperature (--temperature) must be >= 0 (0: greedy), got {temperature}")
     model.eval()
     pieces: list[str] = []
 
@@ -140,8 +172,10 @@ def stream(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 128, 
         if on_text:
             on_text(text)
 
-    enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    ids = fit_context(model, ids, max_new_tokens, log or (lambda message: warnings.warn(message, stacklevel=3)))
+    enc = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
-    generate_ids(model, dict(enc), max_new_tokens=max_new_tokens, streamer=_CallbackStreamer(tokenizer, sink),
+    generate_ids(model, enc, max_new_tokens=max_new_tokens, streamer=_CallbackStreamer(tokenizer, sink),
                  pad_token_id=tokenizer.pad_token_id, **sampling)  # with the model's virtual tokens, if any
     return "".join(pieces)

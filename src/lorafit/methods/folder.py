@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..core import __version__
-from ..core.files import publish_folder
+from ..core.folders import publish_folder
 from ..core.surgery import trainable_parameters
 from .config import MethodConfig
 from .registry import MethodError, get

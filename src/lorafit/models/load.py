@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ..core.files import check_writable, os_errors_named
 from ..core.merge import unload
 from ..quant import dequantize_model, quantize_model
 from .presets import GGUF_MAGIC, PRESETS, TASKS, ModelError, _preset_list, _swap_in, fetch
@@ -204,6 +205,17 @@ def _forget_gguf_origin(model: torch.nn.Module) -> None:
         model.config.__dict__.pop("quantization_config", None)
 
 
+def check_merge_target(out: str | Path, overwrite: bool = False) -> None:
+    """Refuse an output folder `save_merged` cannot or may not fill, before any model is loaded or touched."""
+    out = Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ModelError(f"{out}: exists and is a file; pass a folder path for the merged model")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ModelError(f"{out}: exists and is not empty; pass --overwrite (overwrite=True in Python) to "
+                         "replace it")
+    check_writable(out)
+
+
 def save_merged(model: torch.nn.Module, tokenizer, out: str | Path, overwrite: bool = False) -> Path:
     """Write `model` as a plain Hugging Face model folder (safetensors, config.json, tokenizer files) at `out`.
 
@@ -213,10 +225,7 @@ def save_merged(model: torch.nn.Module, tokenizer, out: str | Path, overwrite: b
     Any AutoModelForCausalLM / AutoModelForSequenceClassification.from_pretrained(out) loads the result.
     """
     out = Path(out).expanduser()
-    if out.exists() and not out.is_dir():
-        raise ModelError(f"{out}: exists and is a file; pass a folder path for the merged model")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ModelError(f"{out}: exists and is not empty; pass overwrite=True (--overwrite) to replace it")
+    check_merge_target(out, overwrite)
     unload(model)
     dequantize_model(model)  # block weights the adapter did not touch are still quantized: the file holds them dense
     _forget_gguf_origin(model)
@@ -224,8 +233,9 @@ def save_merged(model: torch.nn.Module, tokenizer, out: str | Path, overwrite: b
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary shared model folder
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        with os_errors_named(out):  # safetensors wraps a full disk in its own error
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
         _swap_in(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..core.files import write_json
+from ..core.files import os_errors_named, write_json
 from ..core.surgery import trainable_parameters
 
 LATEST = "latest.json"
@@ -32,8 +32,9 @@ def save_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optim
     tmp = Path(tempfile.mkdtemp(dir=folder, prefix=".tmp-"))
     try:
         weights = {name: p.detach().cpu().contiguous() for name, p in trainable_parameters(model)}
-        save_file(weights, tmp / "trainable.safetensors")
-        torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()}, tmp / "optimizer.pt")
+        with os_errors_named(final):  # a full disk as an OSError naming the folder, not a writer's own error
+            save_file(weights, tmp / "trainable.safetensors")
+            torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()}, tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps(state, indent=2))
         if final.exists():
             shutil.rmtree(final)

@@ -5,9 +5,10 @@ Validated once, here, with pydantic over the plain dataclasses; the rest of the 
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import yaml
@@ -101,6 +102,13 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if self.metric not in ("auto", "exact_match", "accuracy", "loss"):
             raise ConfigError(f"metric must be auto, exact_match, accuracy or loss, got {self.metric!r}")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"limit must be >= 1, or null to score every validation row; got {self.limit}")
+        for name in ("max_new_tokens", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.samples < 0:
+            raise ConfigError(f"samples must be >= 0, got {self.samples}")
 
 
 @dataclass
@@ -120,6 +128,9 @@ class RunConfig:
         if self.model.quantize != "none" and get(self.method.name).trains_base(self.method):
             raise ConfigError(f"model.quantize: {self.model.quantize} freezes the base in quantized form, but method "
                               f"{self.method.name} trains base weights; use quantize: none with it")
+        if self.data.packing and self.model.task == "classification":
+            raise ConfigError("data.packing: applies to causal LM formats, not classification (model.task); drop "
+                              "--data.packing")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -144,7 +155,13 @@ def parse_overrides(args: list[str]) -> dict:
         *parents, leaf = key.split(".")
         for part in parents:
             node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
+            if not isinstance(node, dict):
+                raise ConfigError(f"--{key}: --{part} was given a value, so it cannot also take keys")
+        try:
+            node[leaf] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--{key}: value {value!r} is not valid YAML ({getattr(err, 'problem', err)}); "
+                              "quote it, e.g. --lora.targets '\"q_proj|v_proj\"'") from None
     return tree
 
 
@@ -180,22 +197,94 @@ def load_run_config(path: str | os.PathLike | None, overrides: list[str] | None 
         except FileNotFoundError:
             raise ConfigError(f"{path}: config file not found") from None
         except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML ({err})") from None
+            raise ConfigError(f"{path}: not valid YAML{_yaml_where(err)}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of sections (model, lora, data, train, eval, out)")
         data = _resolve_paths(data, Path(path).parent)
-    data = _merge(_short_method(data), parse_overrides(overrides or []))
+    flags = parse_overrides(overrides or [])
+    data = _merge(_short_method(data), flags)
     try:
         return TypeAdapter(RunConfig).validate_python(data)
     except ValidationError as err:
-        first = err.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "(top level)"
-        message = first["msg"].removeprefix("Value error, ")
-        if first["type"] == "unexpected_keyword_argument":
-            message = "unknown key"
-        elif first["type"] in ("missing_argument", "missing"):
-            message = "required key is missing"
-        elif first["type"].endswith("_type") and isinstance(first.get("input"), dict):  # --out.dir x: out is a path
-            message = f"takes a value, not keys under it (--{where} VALUE)"
         more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
-        raise ConfigError(f"{source}: {where}: {message}{more}") from None
+        raise ConfigError(_explain(err.errors()[0], source, flags) + more) from None
+
+
+SECTIONS = {"model": ModelConfig, "lora": LoraConfig, "data": DataConfig, "method": MethodConfig,
+            "train": TrainConfig, "eval": EvalConfig}  # the YAML's sections; `out` is the one top-level value
+# Names users bring from PEFT and transformers' Trainer, and what lorafit calls them ("did you mean --lora.r?").
+ALIASES = {"rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "target_modules": "targets",
+           "use_rslora": "rslora", "learning_rate": "lr", "max_steps": "steps", "warmup": "warmup_steps",
+           "gradient_accumulation_steps": "grad_accum", "per_device_train_batch_size": "batch_size",
+           "train_file": "train", "validation_file": "validation", "model_name_or_path": "name"}
+
+
+def _keys(section: tuple[str, ...]) -> list[str]:
+    """The keys allowed at `section` (() for the top level)."""
+    if not section:
+        return [*SECTIONS, "out"]
+    return [f.name for f in fields(SECTIONS[section[0]])] if section[0] in SECTIONS and len(section) == 1 else []
+
+
+def _flag_path(flags: dict, loc: tuple[str, ...]) -> tuple[str, ...] | None:
+    """The full key path of the command-line flag that set `loc` (or a key under it), None if no flag did."""
+    node: object = flags
+    for part in loc:
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    while isinstance(node, dict) and node:
+        loc, node = (*loc, next(iter(node))), next(iter(node.values()))
+    return loc
+
+
+def _named_key(loc: tuple[str, ...], message: str) -> tuple[str, ...]:
+    """The key a section's own check names first ("limit must be >= 1" at eval: eval.limit); else `loc`."""
+    first = re.match(r"(\w+)(?:\.(\w+))?", message)
+    if first and len(loc) == 1 and first.group(1) in _keys(loc):
+        return (*loc, first.group(1))
+    if first and not loc and first.group(2) and first.group(2) in _keys((first.group(1),)):
+        return first.group(1), first.group(2)
+    return loc
+
+
+def _unknown(path: tuple[str, ...], depth: int, dashes: str) -> str:
+    """'unknown key; did you mean --lora.r?' for path[:depth + 1], the part not allowed where it stands."""
+    known, given = _keys(path[:depth]), path[depth]
+    what = "unknown section" if depth == 0 else "unknown key"
+    close = [ALIASES[given]] if ALIASES.get(given) in known else difflib.get_close_matches(given, known, n=1)
+    if close:
+        return f"{what}; did you mean {dashes}{'.'.join((*path[:depth], close[0], *path[depth + 1:]))}?"
+    return f"{what}; {'.'.join(path[:depth]) or 'the top level'} takes {', '.join(known)}"
+
+
+def _explain(first: dict, source: str, flags: dict) -> str:
+    """One line for pydantic's first error: the flag (--lora.r) or the file and key it came from, and the fix."""
+    loc = tuple(str(p) for p in first["loc"])
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "value_error":
+        loc = _named_key(loc, message)
+        for said in (f"{'.'.join(loc)}: ", f"{loc[-1]} ") if loc else ():  # the blame names the key already
+            message = message.removeprefix(said)
+    flag = _flag_path(flags, loc)
+    path = flag if flag is not None else loc
+    blame = f"--{'.'.join(path)}" if flag is not None else f"{source}: {'.'.join(loc) or '(top level)'}"
+    if first["type"] == "unexpected_keyword_argument":
+        message = _unknown(path, len(loc) - 1, "--" if flag is not None else "")
+    elif first["type"] in ("missing_argument", "missing"):  # data.train is the one key without a default
+        data = loc[:1] == ("data",)
+        blame = f"{source}: data.train" if data else blame
+        message = "required key is missing" + ("; pass --data.train FILE or add it to the config" if data else "")
+    elif first["type"] == "dataclass_type":
+        message = f"is a section, not a value; set its keys (--{loc[0]}.KEY VALUE)"
+    elif first["type"].endswith("_type") and isinstance(first.get("input"), dict):  # --out.dir x: out is a path
+        message = f"takes a value, not keys under it (--{'.'.join(loc)} VALUE)"
+    return f"{blame}: {message}"
+
+
+def _yaml_where(err: yaml.YAMLError) -> str:
+    """' at line 3, column 7: <problem>' for a YAML syntax error (one line, unlike PyYAML's own message)."""
+    mark, problem = getattr(err, "problem_mark", None), getattr(err, "problem", None)
+    if mark is None:
+        return f" ({' '.join(str(err).split())})"
+    return f" at line {mark.line + 1}, column {mark.column + 1}: {problem or 'syntax error'}"

@@ -31,6 +31,7 @@ from .cpu.memory import PeakWindow, allocator
 from .loop import loss_of, run_loop
 from .loss import release_scratch
 from .optim import make_optimizer
+from .preflight import preflight
 from .report import plot_before_after, plot_loss
 from .runtime import dtype_for, evaluation, prepare, resolve_compile, resolve_device, resolve_precision
 
@@ -38,7 +39,7 @@ from .runtime import dtype_for, evaluation, prepare, resolve_compile, resolve_de
 def train(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] = print) -> dict:
     """Run the whole job `cfg` describes; returns (and writes to out/results.json) the before/after report."""
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    preflight(cfg)  # before any weight loads: out writable, targets exist; out is created by its first file
     torch.manual_seed(cfg.train.seed)
     train_rows, val_rows, fmt = load_splits(cfg.data, seed=cfg.train.seed, log=log)
     labels = label_set(train_rows, val_rows) if cfg.model.task == "classification" else None
