@@ -24,7 +24,7 @@ from ..data import Example, encode, label_set, load_splits
 from ..inference.scoring import in_context_score, pick_metric, score
 from ..models import load_model
 from ..quant import model_bytes, quantized_weights
-from .checkpoint import latest_checkpoint, load_checkpoint
+from .checkpoint import load_checkpoint, resume_point
 from .config import RunConfig
 from .cpu import rowsplit
 from .cpu.memory import PeakWindow, allocator
@@ -152,7 +152,7 @@ def adapter_config(cfg: RunConfig, model: nn.Module) -> LoraConfig:
 
 
 def _resume(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, log: Callable[[str], None]) -> dict:
-    path = latest_checkpoint(out / "checkpoints")
+    path = resume_point(out / "checkpoints", log)
     if path is None:
         raise FileNotFoundError(f"--resume: no checkpoint in {out / 'checkpoints'}; start without --resume")
     state = load_checkpoint(path, model, optimizer)
