@@ -183,7 +183,8 @@ def _checked_checkpoint(cfg: RunConfig, run_id: dict, force: bool, log: Callable
     folder = Path(cfg.out) / "checkpoints"
     path = resume_point(folder, log)
     if path is None:
-        raise FileNotFoundError(f"--resume: no checkpoint in {folder}; start without --resume")
+        raise FileNotFoundError(f"--resume: no checkpoint in {folder}; start the run anew with --overwrite "
+                                "instead of --resume")
     saved = read_state(path)
     accepted = check_resume(saved.get("fingerprint"), run_id, force, path)
     if accepted:
