@@ -4,8 +4,9 @@ rows), and nothing temporary is left behind.
 
 The run: 8 steps, a checkpoint every 3, so checkpoints at steps 3 and 6 and the final one at 8. The runs to be
 killed are children of a fork server that has lorafit imported (a second each, where a fresh `lorafit train`
-takes several); one goes through the real command. Every run here uses one thread (OMP_NUM_THREADS=1 or
-torch.set_num_threads(1): the `one_thread` fixture), so that the same steps give the same bits in every process.
+takes several); one goes through the real command. Every run here uses one thread (OMP_NUM_THREADS=1, or
+torch.set_num_threads(1) through tests/conftest.py's `one_thread`), so the same steps give the same bits in every
+process.
 """
 
 import json

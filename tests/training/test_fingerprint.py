@@ -14,7 +14,7 @@ from tests.conftest import tiny_job, tiny_run_config
 
 
 @pytest.fixture
-def trained(tmp_path, monkeypatch):
+def trained(tmp_path, monkeypatch, one_thread):
     """A finished 6-step tiny run in tmp_path/run: (job folder, model folder, out)."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     job, model = tiny_job(tmp_path)

@@ -6,7 +6,7 @@ from lorafit.training.recipe import train
 from tests.conftest import tiny_job, tiny_run_config
 
 
-def test_the_last_step_is_saved_once(tmp_path, monkeypatch):
+def test_the_last_step_is_saved_once(tmp_path, monkeypatch, one_thread):
     saved = []
     real = loop.save_checkpoint
 

@@ -16,7 +16,7 @@ from tests.conftest import run_cli, tiny_job, tiny_run_config
 
 
 @pytest.fixture
-def job(tmp_path, monkeypatch):
+def job(tmp_path, monkeypatch, one_thread):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     return tiny_job(tmp_path)
 
