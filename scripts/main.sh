@@ -8,7 +8,9 @@ bash scripts/setup.sh
 LORAFIT="${LORAFIT_VENV:-.venv}/bin/lorafit"
 OUT=runs/smollm2-wordnet
 "$LORAFIT" fetch smollm2-135m-instruct
-"$LORAFIT" train examples/smollm2-wordnet.yaml --out "$OUT" "$@"   # base score, training, adapter score
+# A second run of this script replaces the first (--overwrite), unless it is asked to --resume it.
+FRESH=--overwrite; for arg in "$@"; do [[ $arg == --resume ]] && FRESH=; done
+"$LORAFIT" train examples/smollm2-wordnet.yaml --out "$OUT" ${FRESH:+"$FRESH"} "$@"   # base score, training, adapter score
 Q="Which WordNet noun category does this definition belong to? Answer with the category name only."
 "$LORAFIT" generate --adapter "$OUT/adapter" --compare-base --max-new-tokens 12 \
   "$Q"$'\n\n'"a domesticated carnivorous mammal that typically has a long snout" \

@@ -161,6 +161,16 @@ def tiny_run_config(job_dir, model, out, *overrides):
     return load_run_config(None, args)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread while a module's tests run: runs in different processes then give the same bits (the
+    fault tests' killed runs use one thread too), and a busy machine does not stall a two-thread run."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny_run_yaml(tmp_path) -> Path:
     """A saved tiny model, instruction data and a 3-step config writing to tmp_path/run: the config's path."""
     model = saved_tiny_model(tmp_path / "model")

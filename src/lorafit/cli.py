@@ -65,6 +65,10 @@ def reproduce_flip(
 def train(ctx: typer.Context,
           config: Annotated[Path, typer.Argument(help="YAML config (sections model, lora, data, train, eval, out)")],
           resume: Annotated[bool, typer.Option(help="continue from the latest checkpoint in the out folder")] = False,
+          overwrite: Annotated[bool, typer.Option(help="clear an earlier run in the out folder, then start anew")]
+          = False,
+          force: Annotated[bool, typer.Option(help="with --resume: accept config changes that change no step's "
+                                                   "maths (train.steps, save_every, log_every, eval.*)")] = False,
           precision: Annotated[str | None, typer.Option(help="auto, bf16 or fp32 (= --train.precision)")] = None,
           quantize: Annotated[str | None, typer.Option(help="none, nf4, int8 or gguf (= --model.quantize)")] = None):
     """Fine-tune a LoRA adapter as CONFIG says; extra `--section.key value` options override the file."""
@@ -75,7 +79,7 @@ def train(ctx: typer.Context,
     cfg = load_run_config(config, [*ctx.args, *(["--train.precision", precision] if precision else []),
                                    *(["--model.quantize", quantize] if quantize else [])])
     keep_freed_memory()  # this process only trains: each step reuses what the last one freed (the run reports it)
-    report = run(cfg, resume=resume, log=log)
+    report = run(cfg, resume=resume, overwrite=overwrite, force=force, log=log)
     _print_before_after(report)
 
 

@@ -75,7 +75,8 @@ def run_cell(config: Path, name: str, overrides: list[str], out: Path, log: Call
     results = folder / "results.json"
     if not results.is_file():
         log(f"[{name}] training ...")
-        cmd = [sys.executable, "-m", "lorafit", "train", str(config), *overrides, "--out", str(folder)]
+        # --overwrite: a cell that stopped before its results.json starts again from scratch
+        cmd = [sys.executable, "-m", "lorafit", "train", str(config), *overrides, "--out", str(folder), "--overwrite"]
         started = time.perf_counter()
         done = subprocess.run(cmd, capture_output=True, text=True)
         folder.mkdir(parents=True, exist_ok=True)

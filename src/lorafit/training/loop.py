@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from ..core.faults import kill_point
 from ..data import Example, batches
 from ..inference.scoring import mean_loss
 from ..methods import model_inputs
@@ -95,15 +96,25 @@ class _StopOnSigint:
 
 
 def run_loop(model: nn.Module, optimizer: torch.optim.Optimizer, train_set: list[Example], val_set: list[Example],
-             cfg: RunConfig, state: dict, pad_id: int, log: Callable[[str], None]) -> dict:
+             cfg: RunConfig, state: dict, pad_id: int, log: Callable[[str], None],
+             fingerprint: dict | None = None) -> dict:
     """Steps from state['step'] to cfg.train.steps, logging, evaluating and checkpointing on schedule.
 
-    Ctrl-C finishes the current step, writes a checkpoint and ends the run; `--resume` continues from it.
+    Ctrl-C finishes the current step, writes a checkpoint and ends the run; `--resume` continues from it. Each step
+    is saved at most once: the final checkpoint is skipped when the last step was just saved (or resumed from).
+    `fingerprint` goes into every checkpoint (`training.fingerprint`).
     """
     t, out = cfg.train, Path(cfg.out)
     stream = micro_batches(train_set, t.batch_size, pad_id, t.seed, state["micro_batches"])
-    metrics = MetricsLog(out / "metrics.jsonl", tensorboard=t.tensorboard, append=state["step"] > 0)
+    metrics = MetricsLog(out / "metrics.jsonl", tensorboard=t.tensorboard, start_step=state["step"])
     bar = tqdm(total=t.steps, initial=state["step"], desc="train", unit="step", dynamic_ncols=True)
+    saved = state["step"] if state["step"] > 0 else None  # a resumed run starts from a saved step
+
+    def save() -> Path:
+        nonlocal saved
+        saved = state["step"]
+        return save_checkpoint(out / "checkpoints", model, optimizer, state, fingerprint=fingerprint)
+
     with _StopOnSigint() as sigint, metrics, bar:
         while state["step"] < t.steps:
             step, started = state["step"], time.perf_counter()
@@ -122,13 +133,12 @@ def run_loop(model: nn.Module, optimizer: torch.optim.Optimizer, train_set: list
             metrics.write(row, log if (step + 1) % t.log_every == 0 or "eval_loss" in row else None)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
             bar.update(1)
+            kill_point("step", step + 1)
             if sigint.requested:
-                path = save_checkpoint(out / "checkpoints", model, optimizer, state)
-                log(f"interrupted at step {state['step']}: checkpoint saved to {path}; continue with --resume")
+                log(f"interrupted at step {state['step']}: checkpoint saved to {save()}; continue with --resume")
                 raise SystemExit(130)
             if t.save_every and (step + 1) % t.save_every == 0:
-                save_checkpoint(out / "checkpoints", model, optimizer, state)
-    save_checkpoint(out / "checkpoints", model, optimizer, state)
+                save()
+    if saved != state["step"]:
+        save()
     return state
-
-

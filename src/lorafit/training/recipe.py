@@ -1,12 +1,13 @@
 """`lorafit train`: load, inject, data, optimizer, loop of train_step / evaluate / save_checkpoint, report.
 
-Read `train` top to bottom: it is the whole recipe. The loop runs on plain PyTorch; the only transformers
+Read `train` and `_run` top to bottom: they are the whole recipe. The loop runs on plain PyTorch; the only transformers
 objects are the model and its tokenizer.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -24,31 +25,57 @@ from ..data import Example, encode, label_set, load_splits
 from ..inference.scoring import in_context_score, pick_metric, score
 from ..models import PRESETS, load_model
 from ..quant import model_bytes, quantized_weights
-from .checkpoint import latest_checkpoint, load_checkpoint
+from .checkpoint import load_checkpoint, read_state, resume_point
 from .config import RunConfig
 from .cpu import rowsplit
 from .cpu.memory import PeakWindow, allocator
+from .fingerprint import check_resume, fingerprint
 from .loop import loss_of, run_loop
 from .loss import release_scratch
 from .optim import make_optimizer
 from .preflight import preflight
 from .report import plot_before_after, plot_loss
+from .runfolder import LOCK, RunFolderError, claim, run_lock
 from .runtime import dtype_for, evaluation, prepare, resolve_compile, resolve_device, resolve_precision
 
 
-def train(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] = print) -> dict:
-    """Run the whole job `cfg` describes; returns (and writes to out/results.json) the before/after report."""
+def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, force: bool = False,
+          log: Callable[[str], None] = print) -> dict:
+    """Run the whole job `cfg` describes; returns (and writes to out/results.json) the before/after report.
+
+    One run per out folder: the folder is locked while the run lasts (`runfolder.run_lock`). A new run refuses a
+    folder that holds an earlier run unless `overwrite` (which clears it first). `resume` continues from the
+    checkpoint latest.json names (else the newest complete one) if the checkpoint's fingerprint matches this
+    config and data (`force` accepts differences that change no step's maths, e.g. more train.steps).
+    """
+    if force and not resume:
+        raise RunFolderError("--force only applies to --resume (it accepts harmless config changes)")
+    preflight(cfg)  # before any weight loads and before the folder is made: out writable, targets exist
     out = Path(cfg.out)
-    preflight(cfg)  # before any weight loads: out writable, targets exist; out is created by its first file
+    made = not out.exists()
+    try:
+        with run_lock(out):
+            claim(out, resume, overwrite, log)
+            return _run(cfg, resume, force, log)
+    except BaseException:
+        if made and not any(p.name != LOCK for p in out.iterdir()):  # a run that failed before writing anything
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _run(cfg: RunConfig, resume: bool, force: bool, log: Callable[[str], None]) -> dict:
+    """The recipe itself, in the locked and claimed out folder."""
+    out = Path(cfg.out)
     torch.manual_seed(cfg.train.seed)
     train_rows, val_rows, fmt = load_splits(cfg.data, seed=cfg.train.seed, log=log)
     labels = label_set(train_rows, val_rows) if cfg.model.task == "classification" else None
-    device = resolve_device(cfg.train.device)
-    precision = resolve_precision(cfg.train.precision, device)
-    compiled, why = resolve_compile(cfg.train.compile, cfg.train.steps, device, precision, cfg.model.quantize != "none")
-    cfg = replace(cfg, train=replace(cfg.train, precision=precision, compile=compiled))  # from here on: resolved
+    cfg, device, why = _resolved(cfg)  # from here on: train.precision and train.compile as they run
+    precision = cfg.train.precision
+    trains = methods.get(cfg.method.name).trains  # in-context: the frozen model with k examples in every prompt
+    run_id = fingerprint(cfg) if trains else None
+    checkpoint = _checked_checkpoint(cfg, run_id, force, log) if resume and trains else None  # before the model
     model, tokenizer = _load_model(cfg, labels, device, log)
-    log(f"compile: {'on' if compiled else 'off'} ({why})")
+    log(f"compile: {'on' if cfg.train.compile else 'off'} ({why})")
     train_set = encode(train_rows, fmt, tokenizer, cfg.data, labels)
     val_set = encode(val_rows, fmt, tokenizer, cfg.data, labels)
     eval_rows, eval_set = val_rows[:cfg.eval.limit], val_set[:cfg.eval.limit]
@@ -68,17 +95,17 @@ def train(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] = pri
         with PeakWindow() as peak:
             report["base"] = evaluate()
         report["peak_rss_mb_inference"] = peak.mb
-    if not methods.get(cfg.method.name).trains:  # in-context: the frozen model with k examples in every prompt
+    if not trains:
         report["tuned"] = in_context_score(model, tokenizer, eval_rows, train_rows, fmt, cfg.method.shots,
                                            cfg.eval.batch_size, cfg.eval.max_new_tokens, cfg.train.seed, log)
         write_json(out / "results.json", report)
         return report
 
     optimizer = _set_up_training(cfg, model, train_set, report, log)
-    state = _resume(out, model, optimizer, log) if resume else {"step": 0, "micro_batches": 0, "seconds": 0.0}
+    state = _start(checkpoint, model, optimizer, log)
     report["allocator"] = allocator()  # the entry point of the run chose it (`lorafit train` keeps freed memory)
     with PeakWindow() as peak:
-        state = run_loop(model, optimizer, train_set, eval_set, cfg, state, tokenizer.pad_token_id, log)
+        state = run_loop(model, optimizer, train_set, eval_set, cfg, state, tokenizer.pad_token_id, log, run_id)
     release_scratch()  # the loss's buffers; evaluation below makes the small ones it needs
     info = _save_result(cfg, model, labels, log)
     report.update(steps=state["step"], train_seconds=round(state["seconds"], 1), adapter=info,
@@ -91,6 +118,14 @@ def train(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] = pri
     plot_before_after(report, out / "before_after.png")
     write_json(out / "results.json", report)
     return report
+
+
+def _resolved(cfg: RunConfig) -> tuple[RunConfig, torch.device, str]:
+    """(cfg with train.precision and train.compile resolved on this machine, the device, why compile is on or off)."""
+    device = resolve_device(cfg.train.device)
+    precision = resolve_precision(cfg.train.precision, device)
+    compiled, why = resolve_compile(cfg.train.compile, cfg.train.steps, device, precision, cfg.model.quantize != "none")
+    return replace(cfg, train=replace(cfg.train, precision=precision, compile=compiled)), device, why
 
 
 def _load_model(cfg: RunConfig, labels: list[str] | None, device: torch.device, log: Callable[[str], None]):
@@ -154,10 +189,26 @@ def adapter_config(cfg: RunConfig, model: nn.Module) -> LoraConfig:
                    modules_to_save=[*cfg.lora.modules_to_save, *extra])
 
 
-def _resume(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, log: Callable[[str], None]) -> dict:
-    path = latest_checkpoint(out / "checkpoints")
+def _checked_checkpoint(cfg: RunConfig, run_id: dict, force: bool, log: Callable[[str], None]) -> Path:
+    """The checkpoint `--resume` continues from, once its fingerprint is checked against this run's `run_id`."""
+    folder = Path(cfg.out) / "checkpoints"
+    path = resume_point(folder, log)
     if path is None:
-        raise FileNotFoundError(f"--resume: no checkpoint in {out / 'checkpoints'}; start without --resume")
+        raise FileNotFoundError(f"--resume: no checkpoint in {folder}; start the run anew with --overwrite "
+                                "instead of --resume")
+    saved = read_state(path)
+    accepted = check_resume(saved.get("fingerprint"), run_id, force, path)
+    if accepted:
+        log("--force: continuing with " + "; ".join(f"{key}: {change}" for key, change in accepted.items()))
+    if saved["step"] > cfg.train.steps:
+        raise RunFolderError(f"--resume: {path} is at step {saved['step']}, past train.steps {cfg.train.steps}")
+    return path
+
+
+def _start(path: Path | None, model: nn.Module, optimizer: torch.optim.Optimizer, log: Callable[[str], None]) -> dict:
+    """The loop's starting state: step 0, or the checkpoint at `path` loaded into the model and optimizer."""
+    if path is None:
+        return {"step": 0, "micro_batches": 0, "seconds": 0.0}
     state = load_checkpoint(path, model, optimizer)
     log(f"resumed from {path} at step {state['step']}")
     return state

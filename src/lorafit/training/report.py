@@ -6,16 +6,24 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from ..core.files import atomic_write
+from ..core.files import atomic_write, write_text
 
 
 class MetricsLog:
-    """Appends one JSON object per step to metrics.jsonl; mirrors scalars to TensorBoard when asked."""
+    """Appends one JSON object per step to metrics.jsonl; mirrors scalars to TensorBoard when asked.
 
-    def __init__(self, path: Path, tensorboard: bool = False, append: bool = False):
+    `start_step`: the step the run starts from. 0 starts a new file; a resumed run keeps the rows up to its
+    checkpoint's step and drops the later ones (steps it will run again), a line cut off by a kill and repeats of
+    a step (the last one counts), so the file ends with exactly one row per step.
+    """
+
+    def __init__(self, path: Path, tensorboard: bool = False, start_step: int = 0):
         path.parent.mkdir(parents=True, exist_ok=True)
-        if not append and path.exists():
-            path.unlink()
+        kept = []
+        if start_step and path.exists():
+            rows = read_metrics(path, strict=False)
+            kept = list({row["step"]: row for row in rows if row.get("step", start_step + 1) <= start_step}.values())
+        write_text(path, "".join(json.dumps(row) + "\n" for row in kept))
         self.file = path.open("a")
         self.board = None
         if tensorboard:
@@ -23,7 +31,8 @@ class MetricsLog:
                 from torch.utils.tensorboard import SummaryWriter  # optional: TensorBoard is used only when asked for
             except ImportError:
                 raise RuntimeError("train.tensorboard needs the tensorboard package: pip install tensorboard") from None
-            self.board = SummaryWriter(str(path.parent / "tensorboard"))
+            purge = start_step + 1 if start_step else None  # TensorBoard hides earlier events from here (run again)
+            self.board = SummaryWriter(str(path.parent / "tensorboard"), purge_step=purge)
 
     def write(self, row: dict, log: Callable[[str], None] | None = None) -> None:
         self.file.write(json.dumps(row) + "\n")
@@ -47,8 +56,16 @@ class MetricsLog:
             self.board.close()
 
 
-def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def read_metrics(path: Path, strict: bool = True) -> list[dict]:
+    """The rows of a metrics.jsonl; `strict=False` skips lines that do not parse (one cut off by a kill)."""
+    rows = []
+    for line in filter(str.strip, path.read_text().splitlines()):
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            if strict:
+                raise
+    return rows
 
 
 def _pyplot():
