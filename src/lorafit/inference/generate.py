@@ -1,4 +1,5 @@
-"""Using adapters: load a base model with one or more adapters, generate with streaming, chat."""
+"""Using adapters: load a base model with one or more adapters, lay a user's text out as training did (the
+adapter's prompt record, lorafit.data.prompt), generate with streaming, chat."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from torch import nn
 from transformers import TextStreamer
 
 from ..core.adapter_io import CONFIG_FILE, LABELS_FILE, load_adapter
+from ..data import PROMPT_FILE, user_prompt_ids
+from ..data.prompt import check_record
 from ..methods import METHOD_CONFIG, is_method_folder, load_method
 from ..models import load_model
 from .scoring import generate_ids
@@ -44,6 +47,21 @@ def task_of(adapter: str | Path) -> tuple[str, list[str] | None]:
     if not (Path(adapter) / LABELS_FILE).is_file():
         return "classification", None  # a PEFT classifier adapter: the head keeps the checkpoint's size
     return "classification", _adapter_json(adapter, LABELS_FILE)
+
+
+def prompt_record_of(adapter: str | Path) -> dict | None:
+    """The prompt record saved beside an adapter (see lorafit.data.prompt), or None for a folder without one."""
+    path = Path(adapter) / PROMPT_FILE
+    return check_record(_adapter_json(adapter, PROMPT_FILE), str(path)) if path.is_file() else None
+
+
+def require_generative(adapters: list[str]) -> None:
+    """ValueError, pointing to `lorafit predict`, when an adapter is a classifier: it labels text, it has no
+    language-model head to generate with."""
+    for path in adapters:
+        if task_of(path)[0] == "classification":
+            raise ValueError(f"{path}: a classifier adapter labels text, it does not generate; use "
+                             f'`lorafit predict --adapter {path} "your text"` (or --input FILE)')
 
 
 def adapter_name(path: str | Path, taken: list[str]) -> str:
@@ -101,6 +119,14 @@ def render(tokenizer, messages: list[dict] | str) -> str:
     return "\n".join(m["content"] for m in messages)
 
 
+def prompt_ids(tokenizer, text: str, record: dict | None = None) -> list[int]:
+    """Token ids of the prompt for a user's text: laid out as a training row with that input when the adapter's
+    prompt `record` is given (`lorafit.data.user_prompt_ids`), else sent as one user message (`render`)."""
+    if record is None:
+        return tokenizer(render(tokenizer, text), add_special_tokens=False)["input_ids"]
+    return user_prompt_ids(record, tokenizer, text)
+
+
 class _CallbackStreamer(TextStreamer):
     """transformers' streamer, sending each finished piece of text to a callback instead of print."""
 
@@ -113,9 +139,10 @@ class _CallbackStreamer(TextStreamer):
 
 
 @torch.no_grad()
-def stream(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0,
+def stream(model: nn.Module, tokenizer, prompt: str | list[int], max_new_tokens: int = 128, temperature: float = 0.0,
            on_text: Callable[[str], None] | None = None) -> str:
-    """Generate from rendered `prompt`, sending text to `on_text` as it comes; returns the whole completion."""
+    """Generate from rendered `prompt` (text, or its token ids), sending text to `on_text` as it comes; returns the
+    whole completion."""
     model.eval()
     pieces: list[str] = []
 
@@ -124,7 +151,10 @@ def stream(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 128, 
         if on_text:
             on_text(text)
 
-    enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+    if isinstance(prompt, str):
+        enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+    else:
+        enc = {"input_ids": torch.tensor([prompt]), "attention_mask": torch.ones(1, len(prompt), dtype=torch.long)}
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
     generate_ids(model, dict(enc), max_new_tokens=max_new_tokens, streamer=_CallbackStreamer(tokenizer, sink),
                  pad_token_id=tokenizer.pad_token_id, **sampling)  # with the model's virtual tokens, if any
