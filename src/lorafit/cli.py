@@ -83,9 +83,12 @@ def _print_before_after(report: dict) -> None:
 def evaluate(ctx: typer.Context,
              config: Annotated[Path, typer.Argument(help="the training config (its data, model and eval sections)")],
              adapter: Annotated[list[Path] | None, typer.Option(help="adapter folder(s); default: OUT/adapter")] = None,
-             base: Annotated[bool, typer.Option(help="score the base model too")] = True):
+             base: Annotated[bool, typer.Option(help="score the base model too")] = True,
+             out: Annotated[Path | None, typer.Option(help="folder for eval.json, predictions and a classifier's "
+                                                      "confusion matrix (default: the config's out/eval)")] = None):
     """Score the base model and each adapter side by side on the config's validation split."""
     from .tools.compare import evaluate_adapters
+    from .tools.compare_report import format_per_class, write_eval_report
     from .training.config import load_run_config
 
     cfg = load_run_config(config, ctx.args)
@@ -96,6 +99,9 @@ def evaluate(ctx: typer.Context,
     for row in rows:
         table.add_row(row["name"], f"{row['value']:.2f}", f"{row['loss']:.4f}")
     Console().print(table)
+    print("".join("\n" + format_per_class(row) for row in rows if "per_class" in row), end="")
+    written = write_eval_report(rows, out or Path(cfg.out) / "eval")
+    log(f"{', '.join(p.name for p in written)} are in {written[-1].parent}")
 
 
 @app.command()
@@ -106,27 +112,32 @@ def generate(prompt: Annotated[list[str], typer.Argument(help="prompt(s); each i
              compare_base: Annotated[bool, typer.Option(help="also answer with the base model, first")] = False,
              max_new_tokens: Annotated[int, typer.Option(help="generation budget")] = 64,
              temperature: Annotated[float, typer.Option(help="0: greedy")] = 0.0,
+             raw: Annotated[bool, typer.Option("--raw", help="send the text as it is, not laid out as the adapter's "
+                                               "training rows were")] = False,
              quantize: Quantize = "none"):
-    """Generate, streaming tokens, with each adapter in turn (or none)."""
+    """Generate, streaming tokens, with each adapter in turn (or none). Each prompt is laid out as the adapter's
+    training rows were (its saved instruction, system prompt and layout) unless --raw; the base, the first's."""
     from .core.surgery import disabled, set_adapter
     from .inference import generate as gen
 
-    net, tokenizer, names = gen.load_with_adapters(model, [] if no_adapter else [str(a) for a in adapter or []],
-                                                   quantize=quantize)
+    paths = [] if no_adapter else [str(a) for a in adapter or []]
+    gen.require_generative(paths)
+    records = [None if raw else gen.prompt_record_of(path) for path in paths]
+    net, tokenizer, names = gen.load_with_adapters(model, paths, quantize=quantize)
 
-    def answer(name: str) -> None:
+    def answer(name: str, record: dict | None) -> None:
         for text in prompt:
             sys.stdout.write(f"[{name}] ")
-            gen.stream(net, tokenizer, gen.render(tokenizer, text), max_new_tokens, temperature,
+            gen.stream(net, tokenizer, gen.prompt_ids(tokenizer, text, record), max_new_tokens, temperature,
                        on_text=lambda t: (sys.stdout.write(t), sys.stdout.flush()))
             sys.stdout.write("\n")
 
     if compare_base or not names:
         with disabled(net):
-            answer("base")
-    for name in names:
+            answer("base", records[0] if records else None)
+    for name, record in zip(names, records, strict=True):
         set_adapter(net, name)
-        answer(name)
+        answer(name, record)
 
 
 @app.command()
@@ -134,11 +145,18 @@ def chat(adapter: Annotated[Path | None, typer.Option(help="adapter folder")] = 
          model: Annotated[str | None, typer.Option(help="base model (default: the adapter's base)")] = None,
          max_new_tokens: Annotated[int, typer.Option(help="budget per answer")] = 256,
          temperature: Annotated[float, typer.Option(help="0: greedy")] = 0.0,
+         raw: Annotated[bool, typer.Option("--raw", help="the first line as it is, not laid out as the adapter's "
+                                           "training rows were")] = False,
          quantize: Quantize = "none"):
-    """Talk to the model in the terminal (empty line or Ctrl-D ends); answers stream as they are generated."""
+    """Talk to the model in the terminal (empty line or Ctrl-D ends); answers stream as they are generated.
+    The first line is laid out as the adapter's training rows were, unless --raw."""
+    from .data import user_messages
     from .inference import generate as gen
 
-    net, tokenizer, _ = gen.load_with_adapters(model, [str(adapter)] if adapter else [], quantize=quantize)
+    paths = [str(adapter)] if adapter else []
+    gen.require_generative(paths)
+    record = gen.prompt_record_of(paths[0]) if paths and not raw else None
+    net, tokenizer, _ = gen.load_with_adapters(model, paths, quantize=quantize)
     history: list[dict] = []
     while True:
         try:
@@ -147,12 +165,46 @@ def chat(adapter: Annotated[Path | None, typer.Option(help="adapter folder")] = 
             break
         if not text:
             break
-        history.append({"role": "user", "content": text})
+        first = not history and record is not None  # the first turn exactly as training laid its rows out
+        prompt = gen.prompt_ids(tokenizer, text, record) if first else None
+        history += user_messages(record, tokenizer, text) if first else [{"role": "user", "content": text}]
         sys.stdout.write("model> ")
-        answer = gen.stream(net, tokenizer, gen.render(tokenizer, history), max_new_tokens, temperature,
+        answer = gen.stream(net, tokenizer, prompt or gen.render(tokenizer, history), max_new_tokens, temperature,
                             on_text=lambda t: (sys.stdout.write(t), sys.stdout.flush()))
         sys.stdout.write("\n")
         history.append({"role": "assistant", "content": answer.strip()})
+
+
+@app.command()
+def predict(texts: Annotated[list[str] | None, typer.Argument(help="text(s) to label or answer")] = None,
+            adapter: Annotated[Path, typer.Option(help="adapter folder (a classifier or a generator)")] = ...,
+            input_file: Annotated[Path | None, typer.Option("--input", help=".txt (a text per line), .jsonl (text, or "
+                                                            "instruction and input) or .csv (a text column)")] = None,
+            output: Annotated[Path | None, typer.Option(help="file to write (default: stdout)")] = None,
+            output_format: Annotated[str | None, typer.Option("--format", help="jsonl or csv (default: from "
+                                                              "--output's suffix, else jsonl)")] = None,
+            model: Annotated[str | None, typer.Option(help="base model (default: the adapter's base)")] = None,
+            batch_size: Annotated[int, typer.Option(help="texts per batch")] = 16,
+            max_new_tokens: Annotated[int, typer.Option(help="generation budget (generative adapters)")] = 64,
+            raw: Annotated[bool, typer.Option("--raw", help="send texts as they are, not laid out as the adapter's "
+                                              "training rows were")] = False,
+            quantize: Quantize = "none"):
+    """Apply an adapter to many texts: a classifier's label and class probabilities, or a generator's greedy answer
+    (each text laid out as the training rows were), one JSONL or CSV row per input row."""
+    from .core.files import write_text
+    from .data import read_inputs
+    from .inference import predict as pred
+
+    fmt = pred.output_format(output_format, output)
+    rows = pred.text_rows(texts or []) + (read_inputs(input_file) if input_file else [])
+    records = pred.predict(str(adapter), rows, model=model, raw=raw, batch_size=batch_size,
+                           max_new_tokens=max_new_tokens, quantize=quantize, log=log)
+    text = pred.render_predictions(records, fmt)
+    if output is None:
+        sys.stdout.write(text)
+    else:
+        write_text(output, text)
+        log(f"{len(records)} predictions written to {output}")
 
 
 @app.command()
