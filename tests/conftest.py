@@ -1,5 +1,6 @@
 """What the tests share: tiny random-weight models built from configs (fast, offline, real transformers
-architectures), a saved tiny model and its tokenizer, a tiny training job and its run config, and the CLI runner.
+architectures), a saved tiny model and its tokenizer, saved tiny adapters, a tiny training job and its run config,
+and the CLI runner.
 
 Test modules import these as `from tests.conftest import ...` (tests/ is a package, so that is the module pytest
 loaded); fixtures are used by name. No test module imports another.
@@ -135,6 +136,40 @@ def private_cache(tmp_path, monkeypatch):
     # huggingface_hub reads HF_HUB_OFFLINE once, at import: the environment alone is too late here.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+# --- saved tiny adapters ---
+
+def tiny_classifier_adapter(tmp_path, labels=("animal", "greeting", "other")) -> Path:
+    """A LoRA classifier adapter (random non-zero B, new head) on a tiny BERT encoder saved in tmp_path/encoder,
+    with its labels.json: the folder tmp_path/classifier."""
+    import lorafit as lf
+    from lorafit.core.anatomy import head_of
+    from lorafit.models import load_model
+
+    encoder = tmp_path / "encoder"
+    tiny_bert().bert.save_pretrained(encoder)
+    tiny_tokenizer().save_pretrained(encoder)
+    net, _ = load_model(str(encoder), task="classification", labels=list(labels))
+    lf.inject(net, lf.LoraConfig(r=2, targets=["query", "value"], task_type="SEQ_CLS", base_model=str(encoder),
+                                 modules_to_save=[head_of(net)]))
+    randomize_lora(net)
+    lf.save_adapter(net, tmp_path / "classifier", side_files={"labels.json": list(labels)})
+    return tmp_path / "classifier"
+
+
+def tiny_generator_adapter(tmp_path, side_files: dict | None = None) -> Path:
+    """A LoRA adapter (random non-zero B) on `saved_tiny_model(tmp_path / "model")` with `side_files`: the folder
+    tmp_path/generator."""
+    import lorafit as lf
+    from lorafit.models import load_model
+
+    net, _ = load_model(str(saved_tiny_model(tmp_path / "model")))
+    lf.inject(net, lf.LoraConfig(r=2, targets=["q_proj", "v_proj"], base_model=str(tmp_path / "model"),
+                                 task_type="CAUSAL_LM"))
+    randomize_lora(net)
+    lf.save_adapter(net, tmp_path / "generator", side_files=side_files)
+    return tmp_path / "generator"
 
 
 # --- a tiny training job ---

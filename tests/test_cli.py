@@ -1,10 +1,18 @@
-"""The `lorafit` command, run as a real subprocess."""
+"""The `lorafit` command, run as a real subprocess (in-process where a test watches what a command sends)."""
 
 import json
 
 import pytest
 
-from tests.conftest import REPO, run_cli, saved_tiny_model, tiny_run_yaml
+from tests.conftest import (
+    REPO,
+    run_cli,
+    saved_tiny_model,
+    tiny_classifier_adapter,
+    tiny_generator_adapter,
+    tiny_run_yaml,
+    tiny_tokenizer,
+)
 
 
 @pytest.mark.slow
@@ -131,3 +139,75 @@ def test_models_prints_preset_names_whole_in_a_pipe():
         assert done.returncode == 0, done.stderr
         for name in PRESETS:
             assert name in done.stdout, f"{name!r} cut at {columns} columns:\n{done.stdout}"
+
+
+def test_a_classifier_adapter_predicts_labels_and_generate_points_to_predict(tmp_path):
+    adapter = str(tiny_classifier_adapter(tmp_path))
+    done = run_cli("generate", "--adapter", adapter, "cat hello")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("error: ") and "lorafit predict --adapter" in done.stderr
+    done = run_cli("predict", "--adapter", adapter, "cat hello", "dog")
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [r["text"] for r in lines] == ["cat hello", "dog"] and list(lines[0]["probabilities"]) == [
+        "animal", "greeting", "other"]
+    (tmp_path / "in.txt").write_text("cat hello\n\ndog world\nhello\n")
+    done = run_cli("predict", "--adapter", adapter, "--input", str(tmp_path / "in.txt"), "--output",
+                   str(tmp_path / "out.csv"))
+    assert done.returncode == 0, done.stderr
+    table = (tmp_path / "out.csv").read_text().splitlines()
+    assert table[0] == "text,label,p(animal),p(greeting),p(other)" and len(table) == 4
+
+
+def test_eval_of_a_classifier_reports_per_class_scores_and_writes_predictions_and_confusion(tmp_path):
+    adapter = str(tiny_classifier_adapter(tmp_path))
+    rows = [f"{a} {b},{label}" for a, label in (("cat", "animal"), ("hello", "greeting"), ("world", "other"))
+            for b in ("dog", "world", "hello")]
+    (tmp_path / "train.csv").write_text("text,label\n" + "\n".join(rows) + "\n")
+    (tmp_path / "run.yaml").write_text(f"model: {{name: {tmp_path / 'encoder'}, task: classification}}\n"
+                                       "data: {train: train.csv, validation: train.csv}\n")
+    done = run_cli("eval", str(tmp_path / "run.yaml"), "--adapter", adapter, "--out", str(tmp_path / "eval"))
+    assert done.returncode == 0, done.stderr
+    assert "## classifier: per class (3 classes" in done.stdout and "| greeting |" in done.stdout
+    names = sorted(p.name for p in (tmp_path / "eval").iterdir())
+    assert names == ["confusion-base.png", "confusion-classifier.png", "eval.json", "predictions-base.jsonl",
+                     "predictions-classifier.jsonl"]
+    first = json.loads((tmp_path / "eval" / "predictions-classifier.jsonl").read_text().splitlines()[0])
+    assert set(first) == {"text", "label", "prediction", "probabilities"} and first["text"] == "cat dog"
+    scores = json.loads((tmp_path / "eval" / "eval.json").read_text())["results"]
+    assert [len(r["confusion"]) for r in scores] == [3, 3] and "predictions" not in scores[0]
+
+
+def test_generate_and_chat_lay_the_users_text_out_as_the_training_rows_were(tmp_path, monkeypatch):
+    """In-process, watching the prompts sent: with the record, generate and the first chat turn send a training
+    row's prompt; --raw, and a folder without the record, send the text as one user message, as before."""
+    from typer.testing import CliRunner
+
+    from lorafit.cli import app
+    from lorafit.data import PROMPT_FILE, DataConfig, Row, encode
+    from lorafit.inference import generate as gen
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    record = {"version": 1, "format": "instruction", "layout": "alpaca", "instruction": "cat dog", "system": None}
+    adapter = str(tiny_generator_adapter(tmp_path, {PROMPT_FILE: record}))
+    tok = tiny_tokenizer()
+    row = Row({"instruction": "cat dog", "input": "hello world", "output": "cat"}, "train.jsonl", 1)
+    example = encode([row], "instruction", tok, DataConfig(train="t.jsonl"))[0]
+    trained = [t for t, label in zip(example.input_ids, example.labels) if label == -100]  # the masked prompt
+    bare = tok(gen.render(tok, "hello world"), add_special_tokens=False)["input_ids"]
+    sent = []
+    monkeypatch.setattr(gen, "stream", lambda net, tok, prompt, *a, **k: sent.append(prompt) or "cat")
+    runner = CliRunner()
+    for extra, expected in (([], trained), (["--raw"], bare)):
+        sent.clear()
+        done = runner.invoke(app, ["generate", "--adapter", adapter, *extra, "hello world"])
+        assert done.exit_code == 0, done.output
+        assert sent == [expected] and trained != bare
+    sent.clear()
+    done = runner.invoke(app, ["chat", "--adapter", adapter], input="hello world\ndog\n\n")
+    assert done.exit_code == 0, done.output
+    assert sent[0] == trained and tok(sent[1], add_special_tokens=False)["input_ids"][:len(trained)] == trained
+    (tmp_path / "generator" / PROMPT_FILE).unlink()  # an adapter saved before the record existed
+    sent.clear()
+    assert runner.invoke(app, ["generate", "--adapter", adapter, "hello world"]).exit_code == 0
+    assert sent == [bare]

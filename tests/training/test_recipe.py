@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lorafit.data import Example
+from lorafit.data import PROMPT_FILE, Example
 from lorafit.training.config import load_run_config
 from lorafit.training.recipe import train, typical_rows
 from tests.conftest import TINY_WORDS, tiny_bert, tiny_job, tiny_run_config, tiny_tokenizer
@@ -76,6 +76,11 @@ def test_classifier_adapter_records_its_labels_and_merges_to_a_plain_classifier(
     train(cfg, log=lambda _: None)
     adapter = tmp_path / "run" / "adapter"
     assert json.loads((adapter / "adapter_config.json").read_text())["task_type"] == "SEQ_CLS"
+    assert json.loads((adapter / PROMPT_FILE).read_text())["format"] == "classification"
+    tuned = json.loads((tmp_path / "run" / "results.json").read_text())["tuned"]  # value, loss, and now per class
+    assert set(tuned["per_class"]) == {"animal", "word"} and len(tuned["confusion"]) == 2
+    assert len(tuned["predictions"]) == 8 and set(tuned["predictions"][0]) == {"text", "label", "prediction",
+                                                                               "probabilities"}
 
     net, tokenizer, _ = load_with_adapters(None, [str(adapter)])  # task and labels come from the adapter
     assert net.config.id2label == {0: "animal", 1: "word"}
@@ -87,6 +92,18 @@ def test_classifier_adapter_records_its_labels_and_merges_to_a_plain_classifier(
     assert merged.config.id2label == {0: "animal", 1: "word"}
     with torch.no_grad():
         torch.testing.assert_close(merged(**batch).logits, expected)
+
+
+def test_the_adapter_records_the_instruction_its_rows_share_and_their_layout(setup):
+    """What `generate` needs to lay a user's text out as a training row: saved beside the adapter."""
+    tmp_path, model = setup
+    rows = [{"instruction": "cat dog", "input": f"{a} {b}", "output": a} for a in TINY_WORDS for b in TINY_WORDS]
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    train(tiny_run_config(tmp_path, model, tmp_path / "run", "--train.steps", "2", "--eval.compare_base", "false"),
+          log=lambda _: None)
+    record = json.loads((tmp_path / "run" / "adapter" / PROMPT_FILE).read_text())
+    assert record == {"version": 1, "format": "instruction", "layout": "alpaca", "instruction": "cat dog",
+                      "system": None}
 
 
 def test_typical_rows_is_the_batch_times_the_90th_percentile_length():

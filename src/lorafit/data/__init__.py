@@ -10,6 +10,8 @@ Formats (one JSON object per JSONL line, one CSV row under a header, or one Parq
 Rendering. Instruction rows go through the tokenizer's own chat template when it has one (user = instruction,
 plus "\\n\\n" + input when input is non-empty; assistant = output), else through the Alpaca text template
 (`ALPACA_PROMPT`). Chat rows always use the chat template.
+The adapter keeps a record of this layout (`prompt.py`), so that generating
+lays a user's text out as a training row with that input would be.
 
 Masking (`mask_prompt=True`). Only assistant tokens carry labels; everything else gets -100 (`IGNORE`). For chat
 rows every assistant turn trains, not just the last. Each turn's characters are found by rendering the
@@ -36,10 +38,12 @@ longer than `max_length` runs on into the next row (overflow="error" still rejec
 
 from .batch import batches, collate, to_device
 from .encode import ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT, IGNORE, Example, encode, pack, prompt_and_answer, prompt_ids
-from .rows import FORMATS, REQUIRED, DataConfig, DataError, Row, Rows, label_set, load_splits, read_rows
+from .prompt import PROMPT_FILE, prompt_record, user_messages, user_prompt_ids
+from .rows import FORMATS, REQUIRED, DataConfig, DataError, Row, Rows, label_set, load_splits, read_inputs, read_rows
 
 __all__ = [
-    "ALPACA_PROMPT", "ALPACA_PROMPT_NO_INPUT", "FORMATS", "IGNORE", "REQUIRED", "DataConfig", "DataError", "Example",
-    "Row", "Rows", "batches", "collate", "encode", "label_set", "load_splits", "pack", "prompt_and_answer",
-    "prompt_ids", "read_rows", "to_device",
+    "ALPACA_PROMPT", "ALPACA_PROMPT_NO_INPUT", "FORMATS", "IGNORE", "PROMPT_FILE", "REQUIRED", "DataConfig",
+    "DataError", "Example", "Row", "Rows", "batches", "collate", "encode", "label_set", "load_splits", "pack",
+    "prompt_and_answer", "prompt_ids", "prompt_record", "read_inputs", "read_rows", "to_device", "user_messages",
+    "user_prompt_ids",
 ]  # fmt: skip

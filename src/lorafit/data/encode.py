@@ -57,6 +57,11 @@ def _ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def plain_ids(tokenizer, text: str) -> list[int]:
+    """Token ids of plain text as a `text` row starts: bos first when the tokenizer puts one there, no eos."""
+    return _bos(tokenizer) + _ids(tokenizer, text)
+
+
 def prompt_and_answer(row: Row, fmt: str, tokenizer) -> tuple[str, str]:
     """The prompt to generate from (ending with the generation prompt) and the reference answer.
 
@@ -123,7 +128,7 @@ def _lm_tokens(row: Row, fmt: str, tokenizer) -> tuple[list[int], list[bool]]:
     """Token ids of an LM row and, per token, whether it is answer (trained with mask_prompt)."""
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     if fmt == "text":
-        ids = _bos(tokenizer) + _ids(tokenizer, row.fields["text"]) + eos
+        ids = plain_ids(tokenizer, row.fields["text"]) + eos
         return ids, [True] * len(ids)
     if _has_template(tokenizer):
         messages = row.fields["messages"] if fmt == "chat" else instruction_messages(row)

@@ -233,6 +233,50 @@ def read_rows(path: str | os.PathLike, fmt: str = "auto", skip_bad_rows: bool = 
     return rows, fmt
 
 
+INPUT_SUFFIXES = (".txt", ".jsonl", ".csv")
+
+
+def _input_fields(record: dict | str) -> dict | str:
+    """The text (or instruction and input) of one prediction input record, or what is wrong with it."""
+    if isinstance(record, str):
+        return record
+    keys = ("text",) if "text" in record else ("instruction", "input") if "instruction" in record else ()
+    if not keys:
+        return f"needs a 'text' field (or 'instruction' and 'input'); found {', '.join(map(repr, record)) or 'none'}"
+    fields = {key: record.get(key) or "" for key in keys}
+    bad = next((key for key, value in fields.items() if not isinstance(value, str)), None)
+    if bad:
+        return f"field {bad!r} must be a string, got {type(fields[bad]).__name__} {fields[bad]!r:.60}"
+    return fields
+
+
+def read_inputs(path: str | os.PathLike) -> list[Row]:
+    """Texts to predict on: a .txt file (one text per non-blank line), .jsonl (a `text` field, or `instruction`
+    and `input`) or .csv (a `text` column, or `instruction` and `input` columns). Every row keeps its line."""
+    source = Path(path)
+    if source.suffix.lower() not in INPUT_SUFFIXES:
+        raise DataError(f"{source}: unsupported input file; use one of {', '.join(INPUT_SUFFIXES)}")
+    if not source.is_file():
+        raise DataError(f"{source}: file not found")
+    if source.suffix.lower() == ".txt":
+        try:
+            lines = source.read_text(encoding="utf-8-sig").splitlines()
+        except UnicodeDecodeError as err:
+            raise DataError(f"{source}: not UTF-8 text ({err.reason}); save it as UTF-8") from None
+        records = ((i, {"text": text}) for i, text in enumerate(lines, 1) if text.strip())
+    else:
+        records = _jsonl_records(source) if source.suffix.lower() == ".jsonl" else _csv_records(source)
+    rows = []
+    for line, record in records:
+        fields = _input_fields(record)
+        if isinstance(fields, str):
+            raise DataError(f"{_where(source, line)}: {fields}")
+        rows.append(Row(fields, str(source), line))
+    if not rows:
+        raise DataError(f"{source}: the file holds no texts")
+    return rows
+
+
 def load_splits(cfg: DataConfig, seed: int = 0, log: Callable[[str], object] = print) -> tuple[list, list, str]:
     """Train and validation rows and their format, as `cfg` says.
 

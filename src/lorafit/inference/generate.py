@@ -1,4 +1,5 @@
-"""Using adapters: load a base model with one or more adapters, generate with streaming, chat."""
+"""Using adapters: load a base model with one or more adapters, lay a user's text out as training did (the
+adapter's prompt record, lorafit.data.prompt), generate with streaming, chat."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from torch import nn
 from transformers import TextStreamer
 
 from ..core.adapter_io import CONFIG_FILE, LABELS_FILE, LORAFIT_FILE, load_adapter
+from ..data import PROMPT_FILE, user_prompt_ids
+from ..data.prompt import check_record
 from ..methods import METHOD_CONFIG, is_method_folder, load_method
 from ..methods.virtual import virtual_tokens_of
 from ..models import PRESETS, load_model, preset_of
@@ -62,6 +65,21 @@ def task_of(adapter: str | Path) -> tuple[str, list[str] | None]:
     if not (Path(adapter) / LABELS_FILE).is_file():
         return "classification", None  # a PEFT classifier adapter: the head keeps the checkpoint's size
     return "classification", _adapter_json(adapter, LABELS_FILE)
+
+
+def prompt_record_of(adapter: str | Path) -> dict | None:
+    """The prompt record saved beside an adapter (see lorafit.data.prompt), or None for a folder without one."""
+    path = Path(adapter) / PROMPT_FILE
+    return check_record(_adapter_json(adapter, PROMPT_FILE), str(path)) if path.is_file() else None
+
+
+def require_generative(adapters: list[str]) -> None:
+    """ValueError, pointing to `lorafit predict`, when an adapter is a classifier: it labels text, it has no
+    language-model head to generate with."""
+    for path in adapters:
+        if task_of(path)[0] == "classification":
+            raise ValueError(f"{path}: a classifier adapter labels text, it does not generate; use "
+                             f'`lorafit predict --adapter {path} "your text"` (or --input FILE)')
 
 
 def adapter_name(path: str | Path, taken: list[str]) -> str:
@@ -119,6 +137,14 @@ def render(tokenizer, messages: list[dict] | str) -> str:
     return "\n".join(m["content"] for m in messages)
 
 
+def prompt_ids(tokenizer, text: str, record: dict | None = None) -> list[int]:
+    """Token ids of the prompt for a user's text: laid out as a training row with that input when the adapter's
+    prompt `record` is given (`lorafit.data.user_prompt_ids`), else sent as one user message (`render`)."""
+    if record is None:
+        return tokenizer(render(tokenizer, text), add_special_tokens=False)["input_ids"]
+    return user_prompt_ids(record, tokenizer, text)
+
+
 class _CallbackStreamer(TextStreamer):
     """transformers' streamer, sending each finished piece of text to a callback instead of print."""
 
@@ -153,9 +179,10 @@ def fit_context(model: nn.Module, ids: torch.Tensor, max_new_tokens: int, log: C
 
 
 @torch.no_grad()
-def stream(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0,
+def stream(model: nn.Module, tokenizer, prompt: str | list[int], max_new_tokens: int = 128, temperature: float = 0.0,
            on_text: Callable[[str], None] | None = None, log: Callable[[str], None] | None = None) -> str:
-    """Generate from rendered `prompt`, sending text to `on_text` as it comes; returns the whole completion.
+    """Generate from rendered `prompt` (text, or its token ids), sending text to `on_text` as it comes; returns the
+    whole completion.
 
     temperature 0 is greedy, above 0 samples. A prompt too long for the model's context is cut from the left
     (see `fit_context`) and `log` (default: a warning) says so.
@@ -172,7 +199,10 @@ def stream(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 128, 
         if on_text:
             on_text(text)
 
-    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    if isinstance(prompt, str):
+        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    else:
+        ids = torch.tensor([prompt])
     ids = fit_context(model, ids, max_new_tokens, log or (lambda message: warnings.warn(message, stacklevel=3)))
     enc = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}

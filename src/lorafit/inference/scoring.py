@@ -1,4 +1,5 @@
-"""Scoring a model on a validation split: loss / perplexity, exact match of greedy generations, accuracy.
+"""Scoring a model on a validation split: loss / perplexity, exact match of greedy generations, accuracy (with
+per-class precision, recall and F1, the confusion matrix and every prediction).
 
 The loss is the model's own unless the caller passes another function of (model, batch): training passes its
 chunked loss, so the validation loss it reports is computed the way it trains.
@@ -11,6 +12,7 @@ import random
 from collections.abc import Callable, Iterator
 
 import torch
+from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 from torch import nn
 
 from ..data import Example, Row, collate, prompt_and_answer
@@ -45,22 +47,54 @@ def mean_loss(model: nn.Module, examples: list[Example], batch_size: int, pad_id
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, examples: list[Example], batch_size: int, pad_id: int) -> float:
-    """Share of examples whose arg-max class is the label, in percent."""
+def classify(model: nn.Module, examples: list[Example], batch_size: int,
+             pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(arg-max class (N,), softmax class probabilities (N, C)) of classification examples, in their order."""
     model.eval()
-    right = 0
+    predicted, probabilities = [], []
     for chunk in _chunks(examples, batch_size):
         batch = collate(chunk, pad_id)
         inputs, _ = model_inputs(model, {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]})
         logits = model(**inputs).logits  # (B, C)
-        right += (logits.argmax(-1).cpu() == batch["labels"]).sum().item()
-    return 100.0 * right / max(1, len(examples))
+        predicted.append(logits.argmax(-1).cpu())
+        probabilities.append(logits.float().softmax(-1).cpu())
+    return torch.cat(predicted), torch.cat(probabilities)
+
+
+def accuracy(model: nn.Module, examples: list[Example], batch_size: int, pad_id: int) -> float:
+    """Share of examples whose arg-max class is the label, in percent."""
+    predicted, _ = classify(model, examples, batch_size, pad_id)
+    return 100.0 * (predicted == torch.tensor([e.labels for e in examples])).sum().item() / max(1, len(examples))
+
+
+def class_names(model: nn.Module, n: int) -> list[str]:
+    """The model's class names in index order (config.id2label, which `load_model` sets from labels.json)."""
+    id2label = getattr(getattr(model, "config", None), "id2label", None) or {}
+    return [str(id2label.get(i, i)) for i in range(n)]
+
+
+def class_scores(model: nn.Module, rows: list[Row], examples: list[Example], batch_size: int, pad_id: int) -> dict:
+    """Accuracy, per-class precision / recall / F1 / support, the confusion matrix (rows: true class, columns:
+    predicted) and every prediction with its class probabilities, for classification rows."""
+    predicted, probabilities = classify(model, examples, batch_size, pad_id)
+    names = class_names(model, probabilities.shape[1])
+    truth, guess = [e.labels for e in examples], predicted.tolist()
+    classes = list(range(len(names)))
+    precision, recall, f1, support = precision_recall_fscore_support(truth, guess, labels=classes, zero_division=0)
+    per_class = {name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(n)}
+                 for name, p, r, f, n in zip(names, precision, recall, f1, support, strict=True)}
+    predictions = [{"text": row.fields["text"], "label": row.fields["label"], "prediction": names[g],
+                    "probabilities": {name: round(p, 6) for name, p in zip(names, probs.tolist(), strict=True)}}
+                   for row, g, probs in zip(rows, guess, probabilities, strict=True)]
+    return {"value": 100.0 * sum(t == g for t, g in zip(truth, guess)) / max(1, len(truth)), "per_class": per_class,
+            "confusion": confusion_matrix(truth, guess, labels=classes).tolist(), "predictions": predictions}
 
 
 @torch.no_grad()
-def generate(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 16,
-             streamer=None) -> list[str]:
-    """Greedy completions of already-rendered prompts (left-padded batches); returns only the new text.
+def generate(model: nn.Module, tokenizer, prompts: list[str] | list[list[int]], max_new_tokens: int,
+             batch_size: int = 16, streamer=None) -> list[str]:
+    """Greedy completions of already-rendered prompts, as text or token ids (left-padded batches); returns only the
+    new text.
 
     Virtual tokens go in front of the left padding (see `generate_ids`), so every prompt's real tokens start at
     position n, as in training.
@@ -70,7 +104,8 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: in
     outputs = []
     try:
         for chunk in _chunks(prompts, batch_size):
-            enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = tokenizer.pad({"input_ids": chunk}, return_tensors="pt") if isinstance(chunk[0], list) \
+                else tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
             new = generate_ids(model, dict(enc), max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer,
                                pad_token_id=tokenizer.pad_token_id)  # (B, new)
             outputs += tokenizer.batch_decode(new, skip_special_tokens=True)
@@ -121,7 +156,7 @@ def score(model: nn.Module, tokenizer, metric: str, rows: list[Row], examples: l
         result["value"] = result["loss"]
         result["perplexity"] = math.exp(min(result["loss"], 50))
     elif metric == "accuracy":
-        result["value"] = accuracy(model, examples, batch_size, pad_id)
+        result.update(class_scores(model, rows, examples, batch_size, pad_id))
     else:
         pairs = [prompt_and_answer(row, fmt, tokenizer) for row in rows]
         predictions = generate(model, tokenizer, [p for p, _ in pairs], max_new_tokens, batch_size)

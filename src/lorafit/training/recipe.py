@@ -21,7 +21,7 @@ from ..core.anatomy import head_of
 from ..core.config import LoraConfig
 from ..core.files import write_json
 from ..core.surgery import trainable_parameters, trainable_report
-from ..data import Example, encode, label_set, load_splits
+from ..data import PROMPT_FILE, Example, encode, label_set, load_splits, prompt_record
 from ..inference.scoring import in_context_score, pick_metric, score
 from ..models import PRESETS, load_model
 from ..quant import model_bytes, quantized_weights
@@ -107,7 +107,7 @@ def _run(cfg: RunConfig, resume: bool, force: bool, log: Callable[[str], None]) 
     with PeakWindow() as peak:
         state = run_loop(model, optimizer, train_set, eval_set, cfg, state, tokenizer.pad_token_id, log, run_id)
     release_scratch()  # the loss's buffers; evaluation below makes the small ones it needs
-    info = _save_result(cfg, model, labels, log)
+    info = _save_result(cfg, model, labels, prompt_record(train_rows, fmt, tokenizer), log)
     report.update(steps=state["step"], train_seconds=round(state["seconds"], 1), adapter=info,
                   trainable=trainable_report(model), peak_rss_mb_train=peak.mb, peak_gpu_mb_train=peak.gpu_mb,
                   trainable_params=sum(p.numel() for _, p in trainable_parameters(model)))
@@ -160,12 +160,15 @@ def _set_up_training(cfg: RunConfig, model: nn.Module, train_set: list[Example],
     return make_optimizer(model, t.lr, t.weight_decay)
 
 
-def _save_result(cfg: RunConfig, model: nn.Module, labels: list[str] | None, log: Callable[[str], None]) -> dict:
-    """Save what the method trained into out/adapter (with a classifier's labels); returns save_method's info."""
+def _save_result(cfg: RunConfig, model: nn.Module, labels: list[str] | None, prompt: dict,
+                 log: Callable[[str], None]) -> dict:
+    """Save what the method trained into out/adapter, with a classifier's labels and the prompt record (how the
+    rows were laid out, so generation lays a user's text out the same way); returns save_method's info."""
     folder = Path(cfg.out) / "adapter"
     side = {LABELS_FILE: labels} if labels is not None else {}  # the head's classes, in order: sizes the head
     if cfg.model.name in PRESETS:  # adapter_config.json records the hub id, for PEFT; this, for lorafit
         side[LORAFIT_FILE] = {"base_preset": cfg.model.name}
+    side[PROMPT_FILE] = prompt
     info = methods.save_method(model, folder, cfg.method, cfg.model.name, cfg.model.task, side_files=side)
     log(f"adapter saved to {info['path']} ({info['file_bytes']:,} bytes)")
     return info
