@@ -166,7 +166,7 @@ def test_eval_of_a_classifier_reports_per_class_scores_and_writes_predictions_an
     (tmp_path / "train.csv").write_text("text,label\n" + "\n".join(rows) + "\n")
     (tmp_path / "run.yaml").write_text(f"model: {{name: {tmp_path / 'encoder'}, task: classification}}\n"
                                        "data: {train: train.csv, validation: train.csv}\n")
-    done = run_cli("eval", str(tmp_path / "run.yaml"), "--adapter", adapter, "--out", str(tmp_path / "eval"))
+    done = run_cli("eval", str(tmp_path / "run.yaml"), "--adapter", adapter, "--report", str(tmp_path / "eval"))
     assert done.returncode == 0, done.stderr
     assert "## classifier: per class (3 classes" in done.stdout and "| greeting |" in done.stdout
     names = sorted(p.name for p in (tmp_path / "eval").iterdir())
@@ -211,3 +211,20 @@ def test_generate_and_chat_lay_the_users_text_out_as_the_training_rows_were(tmp_
     sent.clear()
     assert runner.invoke(app, ["generate", "--adapter", adapter, "hello world"]).exit_code == 0
     assert sent == [bare]
+
+
+def test_the_command_silences_the_missing_kernel_warning_of_bitsandbytes():
+    """bitsandbytes warns on import that an optional CPU kernel package is missing; lorafit never uses that kernel,
+    so the command (its entry point, not the library) turns that one logger down before any command runs."""
+    import logging
+
+    from lorafit import cli
+
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    level = logger.level
+    try:
+        logger.setLevel(logging.NOTSET)
+        cli.main(["config", "--markdown"])
+        assert logger.level == logging.ERROR
+    finally:
+        logger.setLevel(level)

@@ -29,9 +29,10 @@ def _imports_lorafit(node: ast.stmt) -> bool:
 
 
 def test_no_module_but_the_cli_imports_lorafit_inside_a_function():
-    """A function-level import of lorafit itself would hide a cycle or an upward import from the contracts."""
+    """A function-level import of lorafit itself would hide a cycle or an upward import from the contracts. The CLI
+    imports its commands' modules when they run, so that `lorafit --help` stays fast."""
     hidden = [f"{file}:{line}" for file, line, node, _ in _function_level_imports()
-              if _imports_lorafit(node) and file != "cli.py"]
+              if _imports_lorafit(node) and not file.startswith("cli/")]
     assert hidden == []
 
 

@@ -73,9 +73,10 @@ def evaluate(ctx: typer.Context,
              config: Annotated[Path, typer.Argument(help="the training config (its data, model and eval sections)")],
              adapter: Annotated[list[Path] | None, typer.Option(help="adapter folder(s); default: OUT/adapter")] = None,
              base: Annotated[bool, typer.Option(help="score the base model too")] = True,
-             out: Annotated[Path | None, typer.Option(help="folder for eval.json, predictions and a classifier's "
-                                                      "confusion matrix (default: the config's out/eval)")] = None):
-    """Score the base model and each adapter side by side on the config's validation split."""
+             report: Annotated[Path | None, typer.Option(help="folder for eval.json, predictions and a classifier's "
+                                                         "confusion matrix (default: the config's out/eval)")] = None):
+    """Score the base model and each adapter side by side on the config's validation split; extra `--section.key
+    value` options override the file (`--out` too, which moves the default adapter and report folders)."""
     from ..tools.compare import evaluate_adapters
     from ..tools.compare_report import format_per_class, write_eval_report
     from ..training.config import load_run_config
@@ -89,8 +90,9 @@ def evaluate(ctx: typer.Context,
         table.add_row(row["name"], f"{row['value']:.2f}", f"{row['loss']:.4f}")
     Console().print(table)
     print("".join("\n" + format_per_class(row) for row in rows if "per_class" in row), end="")
-    written = write_eval_report(rows, out or Path(cfg.out) / "eval")
+    written = write_eval_report(rows, report or Path(cfg.out) / "eval")
     log(f"{', '.join(p.name for p in written)} are in {written[-1].parent}")
+
 
 @app.command(context_settings=EXTRA)
 def sweep(ctx: typer.Context,
