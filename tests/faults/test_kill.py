@@ -12,6 +12,7 @@ process.
 import json
 import multiprocessing
 import os
+import random
 import signal
 
 import pytest
@@ -32,6 +33,12 @@ SCENARIOS = [  # (where the run is killed, the checkpoint the resume continues f
     ("checkpoint:before-rename@8", "step-000006"),  # inside the final save
     ("checkpoint:before-latest@8", "step-000006"),  # the final checkpoint in place, latest.json not yet
 ]
+# Three more kill points drawn at random (seeded, so every run draws the same) from every point a resume can
+# continue after: any step from 4 on, any point of the checkpoint writes at steps 6 and 8, and the one at step 3
+# that leaves a complete checkpoint behind.
+KILLABLE = [f"step@{step}" for step in range(4, 9)] + ["checkpoint:before-latest@3"] + [
+    f"checkpoint:{where}@{step}" for where in ("after-weights", "before-rename", "before-latest") for step in (6, 8)]
+DRAWN = [(point, None) for point in random.Random(20261203).sample(sorted(set(KILLABLE) - dict(SCENARIOS).keys()), 3)]
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +86,7 @@ def _kill(forkserver, config, point, command):
     assert child.exitcode == -signal.SIGKILL
 
 
-@pytest.mark.parametrize("point, resumed_from", SCENARIOS)
+@pytest.mark.parametrize("point, resumed_from", SCENARIOS + DRAWN)
 def test_a_run_killed_at_any_point_resumes_to_the_same_adapter(job, reference, one_thread, forkserver, tmp_path,
                                                                point, resumed_from):
     out = tmp_path / "run"
@@ -90,7 +97,8 @@ def test_a_run_killed_at_any_point_resumes_to_the_same_adapter(job, reference, o
 
     said = []
     train(cfg, resume=True, log=said.append)
-    assert f"resumed from {out / 'checkpoints' / resumed_from} at step {int(resumed_from[-6:])}" in said
+    if resumed_from is not None:
+        assert f"resumed from {out / 'checkpoints' / resumed_from} at step {int(resumed_from[-6:])}" in said
     adapter, rows = reference
     resumed = load_file(out / "adapter" / "adapter_model.safetensors")
     assert resumed.keys() == adapter.keys()
