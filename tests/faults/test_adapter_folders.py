@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import lorafit
-from lorafit.core import adapter_io
+from lorafit.core import folders
 
 # Two adapters told apart both ways: alpha 8 goes with weights of 1.0, alpha 32 with weights of 2.0.
 PAIRS = {8.0: 1.0, 32.0: 2.0}
@@ -76,7 +76,7 @@ def test_a_save_that_fails_midway_leaves_the_previous_adapter_whole(tmp_path, mo
         open(filename, "wb").write(b"\0" * 64)  # part of the file was written, then the disk was full
         raise OSError(errno.ENOSPC, "No space left on device", filename)
 
-    monkeypatch.setattr(adapter_io, "save_file", full_disk)
+    monkeypatch.setattr(folders, "save_file", full_disk)
     with pytest.raises(OSError, match="No space left"):
         lorafit.save_adapter(_model(32.0, 2.0), folder)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before

@@ -16,11 +16,10 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as safetensors_load
-from safetensors.torch import save_file
 from torch import nn
 
 from .config import ConfigError, LoraConfig
-from .folders import publish_folder, read_folder
+from .folders import publish_tensors, read_folder
 from .lora import LoraEmbedding, LoraLayer, LowRankEmbedding
 from .surgery import TargetError, find_targets, inject, lora_layers, module_kind, modules_to_save, name_matches
 
@@ -83,14 +82,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
         peft["base_model_name_or_path"] = getattr(model, "name_or_path", None) or None
     if cfg.targets == "all-linear":  # written out, as PEFT does, so any reader selects the same modules
         peft["target_modules"] = sorted(p for p, _ in layers)
-    folder = Path(path)
-    with publish_folder(folder) as tmp:
-        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        for file, value in {CONFIG_FILE: peft, **(side_files or {})}.items():
-            (tmp / file).write_text(json.dumps(value, indent=2) + "\n")
-        file_bytes = (tmp / WEIGHTS_FILE).stat().st_size
-    tensor_bytes = sum(t.numel() * t.element_size() for t in state.values())
-    return {"path": str(folder), "file_bytes": file_bytes, "tensor_bytes": tensor_bytes}
+    return publish_tensors(Path(path), WEIGHTS_FILE, state, {CONFIG_FILE: peft, **(side_files or {})})
 
 
 def read_adapter(path: str | os.PathLike) -> tuple[LoraConfig, dict[str, torch.Tensor]]:

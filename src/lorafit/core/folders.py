@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import json
 import os
 import shutil
 import tempfile
@@ -16,6 +17,9 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
 
 _AT_FDCWD, _RENAME_EXCHANGE = -100, 2  # Linux's renameat2: swap two paths in one step
 
@@ -106,3 +110,17 @@ def _swapped(folder: Path, handle: int) -> bool:
         return os.stat(folder).st_ino != os.fstat(handle).st_ino
     except FileNotFoundError:
         return True  # between the two renames of a swap without exchange
+
+
+def publish_tensors(folder: Path, weights_file: str, tensors: dict[str, torch.Tensor],
+                    json_files: dict[str, object]) -> dict:
+    """Publish `folder` holding `tensors` as the safetensors file `weights_file` and `json_files` ({name: value}),
+    as a whole (`publish_folder`). Returns {"path", "file_bytes", "tensor_bytes"}: the safetensors file is the
+    tensors' bytes plus a small JSON header."""
+    with publish_folder(Path(folder)) as tmp:
+        save_file(tensors, str(tmp / weights_file), metadata={"format": "pt"})
+        for name, value in json_files.items():
+            (tmp / name).write_text(json.dumps(value, indent=2) + "\n")
+        file_bytes = (tmp / weights_file).stat().st_size
+    tensor_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    return {"path": str(folder), "file_bytes": file_bytes, "tensor_bytes": tensor_bytes}

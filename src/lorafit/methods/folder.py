@@ -13,11 +13,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from ..core import __version__
-from ..core.folders import publish_folder
+from ..core.folders import publish_tensors
 from ..core.surgery import trainable_parameters
 from .config import MethodConfig
 from .registry import MethodError, get
@@ -33,13 +33,7 @@ def save_folder(model: nn.Module, folder: str | os.PathLike, options: MethodConf
     state = {name: p.detach().cpu().contiguous() for name, p in trainable_parameters(model)}
     config = {"method": asdict(options), "base_model_name_or_path": base_model, "task": task,
               "lorafit_version": __version__}
-    with publish_folder(Path(folder)) as tmp:
-        save_file(state, str(tmp / METHOD_WEIGHTS), metadata={"format": "pt"})
-        for file, value in {METHOD_CONFIG: config, **(side_files or {})}.items():
-            (tmp / file).write_text(json.dumps(value, indent=2) + "\n")
-        file_bytes = (tmp / METHOD_WEIGHTS).stat().st_size
-    tensor_bytes = sum(t.numel() * t.element_size() for t in state.values())
-    return {"path": str(folder), "file_bytes": file_bytes, "tensor_bytes": tensor_bytes}
+    return publish_tensors(Path(folder), METHOD_WEIGHTS, state, {METHOD_CONFIG: config, **(side_files or {})})
 
 
 def is_method_folder(folder: str | os.PathLike) -> bool:
