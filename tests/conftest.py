@@ -15,7 +15,7 @@ from pathlib import Path
 import huggingface_hub.constants
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
@@ -103,6 +103,17 @@ def lm_batch(seed: int = 0) -> dict:
 
 
 # --- a saved tiny model, as a Hugging Face folder ---
+
+def byte_bpe(corpus: list[str], vocab_size: int, special_tokens: list[str]) -> Tokenizer:
+    """A byte-level BPE trained on `corpus` (GPT-2 / SmolLM2 style), small and fast: the real tokenizer kind."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special_tokens, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer)
+    return tok
+
 
 def tiny_tokenizer(pad: bool = True) -> PreTrainedTokenizerFast:
     vocab = {w: i for i, w in enumerate(["<pad>", "<eos>", "<unk>", *TINY_WORDS])}

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerFast
 
 from lorafit.data import (
@@ -26,6 +26,7 @@ from lorafit.data import (
     prompt_ids,
     read_rows,
 )
+from tests.conftest import byte_bpe
 
 # SmolLM2's template: ChatML, a default system turn, and every turn (the answer too) closed by <|im_end|> + "\n".
 CHATML = ("{% for m in messages %}{% if loop.first and m['role'] != 'system' %}"
@@ -39,13 +40,7 @@ ROW = {"instruction": "Name the capital.", "input": "France", "output": "Paris"}
 
 @functools.cache
 def _bpe() -> Tokenizer:
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(CORPUS, trainer)
-    return tok
+    return byte_bpe(CORPUS, 320, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
 
 
 def chat_tokenizer():

@@ -5,7 +5,7 @@ prompt). Offline: the tokenizers are trained here."""
 import functools
 
 import pytest
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, processors
 from transformers import PreTrainedTokenizerFast
 
 from lorafit.data import (
@@ -21,6 +21,7 @@ from lorafit.data import (
     user_prompt_ids,
 )
 from lorafit.data.prompt import check_record, user_row
+from tests.conftest import byte_bpe
 
 CHATML = ("{% for m in messages %}{% if loop.first and m['role'] != 'system' %}"
           "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
@@ -34,13 +35,7 @@ TOPICS = ["sports", "politics", "health"]
 @functools.cache
 def _bpe() -> Tokenizer:
     corpus = [TOPIC, *TEXTS, *TOPICS, "### Instruction:\n### Input:\n### Response:\n", "What is the capital?"]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(corpus, trainer)
-    return tok
+    return byte_bpe(corpus, 400, ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<s>"])
 
 
 def chatml_tokenizer():

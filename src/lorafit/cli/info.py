@@ -118,6 +118,7 @@ def analyze(adapter: Annotated[Path, typer.Argument(help="adapter folder")],
     written = write_report(result, out)
     log(f"{', '.join(p.name for p in written)} are in {out}")
 
+
 @bench_app.command("train")
 def bench_train(
     model: Annotated[str, typer.Option(help="preset, model folder or .gguf file")] = "smollm2-135m-instruct",
