@@ -6,6 +6,7 @@
     lorafit.load_adapter(model, "out/adapter")
     lorafit.merge(model); lorafit.unmerge(model)
     with lorafit.disabled(model): ...
+    with lorafit.per_row(model, ["sql", None]): ...   # row i through adapter i (None: the base)
 """
 
 from .core import (
@@ -29,6 +30,7 @@ from .core import (
     lora_layers,
     merge,
     merged_weight,
+    per_row,
     read_adapter,
     save_adapter,
     set_adapter,
@@ -41,6 +43,6 @@ __all__ = [
     "__version__", "AdapterFileError", "ConfigError", "LoraConfig", "LoraEmbedding", "LoraLayer", "LoraLinear",
     "LowRank",
     "LowRankEmbedding", "TargetError", "adapter_names", "adapter_state", "delete_adapter", "disabled",
-    "find_targets", "inject", "load_adapter", "lora_layers", "merge", "merged_weight", "read_adapter",
+    "find_targets", "inject", "load_adapter", "lora_layers", "merge", "merged_weight", "per_row", "read_adapter",
     "save_adapter", "set_adapter", "trainable_report", "unload", "unmerge",
 ]  # fmt: skip

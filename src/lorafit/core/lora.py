@@ -112,6 +112,7 @@ class LoraLayer(nn.Module):
         self.active: str | None = None  # the adapter added in forward (None: base behaviour)
         self.merged: str | None = None  # the adapter whose ΔW is currently folded into `weight`
         self.disabled = False  # set by lorafit.disabled(): forward gives the base output
+        self.bank = None  # per-row adapters for mixed batches (lorafit.core.mixed.Bank), when attached
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """ΔW of adapter `name` in the layout of this layer's `weight`."""
@@ -123,6 +124,8 @@ class LoraLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_forward(x)  # (..., out)
+        if self.bank is not None and self.bank.routing.rows is not None:  # per-row adapters (core.mixed)
+            return y + self.bank(x).to(y.dtype)
         if self._adds_update():
             y = self.lora[self.active].add_to(y, x, self)
         return y
