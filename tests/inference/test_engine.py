@@ -2,6 +2,7 @@
 request alone with its adapter gives; stops, sampling, cancellation, adapter eviction."""
 
 import threading
+import time
 
 import pytest
 import torch
@@ -9,7 +10,18 @@ import torch
 import lorafit as lf
 from lorafit.inference.engine import Engine, QueueFull
 from lorafit.inference.requests import BadRequest, Request, Sampling
-from tests.conftest import randomize_lora, tiny_llama, tiny_tokenizer
+from tests.conftest import randomize_lora, tiny_llama
+
+
+def word_tokenizer():
+    """One word per id of tiny_llama's 128: "</s>" (2, its EOS) and w3 .. w127."""
+    from tokenizers import Tokenizer, models, pre_tokenizers  # the tokenizer library: only this helper needs it
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, 128)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", bos_token="<s>")
 
 PROMPTS = [[5, 9, 17, 3, 40, 41, 42], [7], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21], [30, 31], [50, 51, 52, 53],
            [60, 61, 62], [70, 71, 72, 73, 74, 75]]
@@ -46,7 +58,7 @@ class Collector:
 
 
 def engine_for(adapters, **kwargs) -> Engine:
-    engine = Engine(tiny_llama(), tiny_tokenizer(), **kwargs)
+    engine = Engine(tiny_llama(), word_tokenizer(), **kwargs)
     for name, path in adapters.items():
         engine.call(lambda n=name, p=path: engine.adapters.register(n, p, load=False))
     return engine.start()
@@ -91,3 +103,85 @@ def test_continuous_batches_match_each_request_alone(adapters):
     expected = [reference(adapters, p, n, 10) for p, n in zip(PROMPTS, ADAPTERS)]
     assert [r.out for r in requests] == expected
     assert again[0].out == expected[0]
+
+
+def test_finish_reasons_and_stop_strings(adapters):
+    """EOS ends with "stop", a stop string too (cut before it), max_tokens and the context with "length"."""
+    engine = engine_for(adapters, max_batch=2, max_len=16)
+    try:
+        greedy = Sampling(max_tokens=12, temperature=0)
+        (free,), (c,) = run_all(engine, [[4, 5, 6]], [None], greedy)
+        text = "".join(e.text for e in c.events)
+        assert text == engine.tokenizer.decode(free.out, skip_special_tokens=True)
+        words = text.split()
+        assert len(set(words)) > 1, words  # the random model says something to stop in
+        stop = words[1]
+        _, (s,) = run_all(engine, [[4, 5, 6]], [None], Sampling(max_tokens=12, temperature=0, stop=[stop]))
+        cut = "".join(e.text for e in s.events)
+        assert s.last.finish_reason == "stop" and stop not in cut and text.startswith(cut)
+        _, (long,) = run_all(engine, [list(range(3, 13))], [None], greedy)  # 10 prompt tokens, context 16
+        assert long.last.finish_reason == "length" and long.last.completion_tokens <= 6
+        engine.eos = {free.out[0]}  # the first token it would say is EOS now
+        _, (eos,) = run_all(engine, [[4, 5, 6]], [None], greedy)
+        assert eos.last.finish_reason == "stop" and eos.last.completion_tokens == 0
+    finally:
+        engine.stop()
+
+
+def test_sampling_is_repeatable_with_a_seed(adapters):
+    engine = engine_for(adapters, max_batch=4)
+    engine.eos = set()
+    try:
+        hot = Sampling(max_tokens=12, temperature=1.5, seed=7)
+        runs, _ = run_all(engine, [[4, 5, 6]] * 3, ["a"] * 3, hot)
+        other, _ = run_all(engine, [[4, 5, 6]], ["a"], Sampling(max_tokens=12, temperature=1.5, seed=8))
+        narrow, _ = run_all(engine, [[4, 5, 6]], ["a"], Sampling(max_tokens=12, temperature=1.5, top_p=1e-6))
+        greedy, _ = run_all(engine, [[4, 5, 6]], ["a"], Sampling(max_tokens=12, temperature=0))
+    finally:
+        engine.stop()
+    assert runs[0].out == runs[1].out == runs[2].out != other[0].out
+    assert narrow[0].out == greedy[0].out  # a nucleus of one token is greedy
+
+
+def test_cancel_frees_the_slot_and_bad_requests_are_refused(adapters):
+    engine = engine_for(adapters, max_batch=1, max_queue=1, max_len=32)
+    engine.eos = set()
+    try:
+        with pytest.raises(BadRequest, match="context is 32"):
+            engine.submit(Request(list(range(40)), None, Sampling(), Collector(), engine.tokenizer))
+        with pytest.raises(BadRequest, match="empty"):
+            engine.submit(Request([], None, Sampling(), Collector(), engine.tokenizer))
+        slow = Collector()
+        first = Request([4, 5], None, Sampling(max_tokens=10_000, temperature=0), slow, engine.tokenizer)
+        engine.submit(first)
+        deadline = time.monotonic() + 30
+        while not slow.events and time.monotonic() < deadline:  # until it runs: it has left the queue
+            time.sleep(0.01)
+        waiting = Request([4, 5], "a", Sampling(max_tokens=2, temperature=0), Collector(), engine.tokenizer)
+        engine.submit(waiting)  # the one queue place
+        with pytest.raises(QueueFull):
+            for _ in range(3):
+                engine.submit(Request([4], None, Sampling(), Collector(), engine.tokenizer))
+        first.cancel()
+        assert slow.done.wait(30) and slow.last.finish_reason in ("cancelled", "length")
+        assert waiting.sink.done.wait(30) and waiting.sink.last.finish_reason == "length"
+    finally:
+        engine.stop()
+    assert not engine.decoding and engine.prefilling is None
+
+
+def test_an_unservable_adapter_is_refused_at_registration(adapters, tmp_path):
+    from lorafit.inference.adapters import AdapterError
+
+    model = tiny_llama()
+    lf.inject(model, lf.LoraConfig(r=2, targets=["q_proj"], modules_to_save=["lm_head"]), name="full")
+    lf.save_adapter(model, tmp_path / "full", name="full")
+    engine = engine_for(adapters)
+    try:
+        with pytest.raises(AdapterError, match="modules_to_save"):
+            engine.call(lambda: engine.adapters.register("full", tmp_path / "full")).result(10)
+        with pytest.raises(AdapterError, match="not found"):
+            engine.call(lambda: engine.adapters.register("gone", tmp_path / "gone")).result(10)
+        assert engine.call(lambda: sorted(engine.adapters.paths)).result(10) == ["a", "b"]
+    finally:
+        engine.stop()
