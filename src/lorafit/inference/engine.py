@@ -214,7 +214,7 @@ class Engine:
         """Sample the request's next token and send its text; True when the request has ended."""
         token = pick(logits, request.sampling, request.generator)
         self.stats["tokens"] += 1
-        if token in self.eos:
+        if token in self.eos and not request.sampling.ignore_eos:
             self._finish(request, "stop")
             return True
         request.out.append(token)

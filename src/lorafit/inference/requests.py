@@ -28,6 +28,7 @@ class Sampling:
     top_p: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False  # run to max_tokens whatever the model says (vLLM's option; for benchmarks)
 
     def check(self, max_tokens_limit: int) -> None:
         def bad(name: str, why: str, value) -> BadRequest:
@@ -43,6 +44,8 @@ class Sampling:
             raise bad("top_p", "must be a number in (0, 1]", self.top_p)
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise bad("seed", "must be an integer", self.seed)
+        if not isinstance(self.ignore_eos, bool):
+            raise bad("ignore_eos", "must be true or false", self.ignore_eos)
         if len(self.stop) > MAX_STOP_STRINGS or not all(isinstance(s, str) and s for s in self.stop):
             raise bad("stop", f"must be up to {MAX_STOP_STRINGS} non-empty strings", self.stop)
 
