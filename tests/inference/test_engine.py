@@ -185,3 +185,24 @@ def test_an_unservable_adapter_is_refused_at_registration(adapters, tmp_path):
         assert engine.call(lambda: sorted(engine.adapters.paths)).result(10) == ["a", "b"]
     finally:
         engine.stop()
+
+
+def test_finished_requests_are_counted_by_reason(adapters):
+    """A cancelled request ends "cancelled" at the next step, the next one takes its one slot, and every finish is
+    counted by reason (what a server's metrics report)."""
+    engine = engine_for(adapters, max_batch=1)
+    engine.eos = set()  # only max_tokens or the cancel end a request
+    try:
+        gone, next_one = Collector(), Collector()
+        long = Request([5, 9], "a", Sampling(max_tokens=60, temperature=0), gone, engine.tokenizer)
+        engine.submit(long)
+        while not long.out:
+            time.sleep(0.001)
+        long.cancel()
+        engine.submit(Request([7, 8], None, Sampling(max_tokens=3, temperature=0), next_one, engine.tokenizer))
+        assert gone.done.wait(60) and next_one.done.wait(60)
+    finally:
+        engine.stop()
+    assert gone.last.finish_reason == "cancelled" and gone.last.completion_tokens < 60
+    assert next_one.last.finish_reason == "length" and next_one.last.completion_tokens == 3
+    assert engine.stats["finished:cancelled"] == 1 and engine.stats["finished:length"] == 1

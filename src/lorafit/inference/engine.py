@@ -55,7 +55,7 @@ class Engine:
         self.prefilling: Request | None = None  # in slot len(decoding)
         self.commands: queue.SimpleQueue = queue.SimpleQueue()
         self.lock, self.wake = threading.Lock(), threading.Event()
-        self.stats = Counter()  # tokens, requests, per-adapter requests ("requests:<name>")
+        self.stats = Counter()  # tokens, requests, per-adapter requests ("requests:<name>"), "finished:<reason>"
         self.recent: deque[tuple[float, int]] = deque(maxlen=256)  # (time, tokens) per step, for tokens/s
         self._stop = False
         self.thread = threading.Thread(target=self._run, name="lorafit-engine", daemon=True)
@@ -231,6 +231,7 @@ class Engine:
 
     def _finish(self, request: Request, reason: str, error: str | None = None, send_rest: bool = True) -> None:
         rest = request.text.rest() if send_rest and reason in ("stop", "length") else ""
+        self.stats[f"finished:{reason}"] += 1
         request.sink(Event(text=rest, finish_reason=reason, prompt_tokens=len(request.prompt),
                            completion_tokens=len(request.out), error=error))
 
