@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import lorafit as lf
+from lorafit.inference.adapters import AdapterStore
 from lorafit.inference.engine import Engine, QueueFull
 from lorafit.inference.requests import BadRequest, Request, Sampling
 from tests.conftest import randomize_lora, tiny_llama
@@ -206,3 +207,14 @@ def test_finished_requests_are_counted_by_reason(adapters):
     assert gone.last.finish_reason == "cancelled" and gone.last.completion_tokens < 60
     assert next_one.last.finish_reason == "length" and next_one.last.completion_tokens == 3
     assert engine.stats["finished:cancelled"] == 1 and engine.stats["finished:length"] == 1
+
+
+def test_registering_an_adapter_at_run_time_never_evicts_one_that_running_requests_use(adapters):
+    """One slot, held by a, which a running request uses: b is known at once and loads later, when asked for and a
+    slot is free. Without running requests, registering b evicts a (least recently used)."""
+    store = AdapterStore(tiny_llama(), max_adapters=1, dtype=torch.float32)
+    store.register("a", adapters["a"])
+    store.register("b", adapters["b"], busy={"a"})
+    assert list(store.resident) == ["a"] and set(store.paths) == {"a", "b"}
+    assert store.slot("b", busy={"a"}) is None and store.slot("b", busy=set()) == 1
+    assert list(store.resident) == ["b"]

@@ -49,13 +49,17 @@ class AdapterStore:
         self.resident: OrderedDict[str, int] = OrderedDict()  # in memory: name -> slot, least recent first
         self.loads = 0  # loads from disk, first loads and reloads after eviction
 
-    def register(self, name: str, path: str | Path, load: bool = True) -> None:
-        """Know adapter `name` at `path`; with `load`, load it now (a bad folder fails here, not at a request)."""
+    def register(self, name: str, path: str | Path, load: bool = True, busy: set[str] | None = None) -> None:
+        """Know adapter `name` at `path`; with `load`, load it now (a bad folder fails here, not at a request).
+
+        `busy`: the adapters running requests use (`Engine.busy_adapters()`), which loading must not evict; when
+        every slot holds one of them, the adapter loads later, when a request asks for it and a slot is free.
+        """
         check_servable(path)
         self.paths[name] = Path(path)
         if load:
             try:
-                self.slot(name, busy=set())
+                self.slot(name, busy=busy or set())
             except Exception:
                 del self.paths[name]
                 raise

@@ -42,8 +42,9 @@ class Sampling:
             raise bad("temperature", "must be a number in [0, 2]", self.temperature)
         if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
             raise bad("top_p", "must be a number in (0, 1]", self.top_p)
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise bad("seed", "must be an integer", self.seed)
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not -(2**63) <= self.seed < 2**64):  # what torch's generators take
+            raise bad("seed", "must be an integer in [-2**63, 2**64)", self.seed)
         if not isinstance(self.ignore_eos, bool):
             raise bad("ignore_eos", "must be true or false", self.ignore_eos)
         if len(self.stop) > MAX_STOP_STRINGS or not all(isinstance(s, str) and s for s in self.stop):
