@@ -18,14 +18,17 @@ KEY = "test-key"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """One server for the module: adapters a and b at start-up, c and a method result inside the --adapter-dir,
-    d outside it; max 2 adapters in memory (a third evicts one)."""
+    """One server for the module: adapters a and b at start-up; inside the --adapter-dir c, a method result, a
+    pickled adapter and a link to d, which lies outside; max 2 adapters in memory (a third evicts one)."""
     root = tmp_path_factory.mktemp("serve")
     model = serving_model(root / "model")
     save_adapters(model, {"a": root / "a", "b": root / "b", "c": root / "dir" / "c", "d": root / "outside" / "d"})
     (root / "dir" / "method").mkdir()
     (root / "dir" / "method" / "method_config.json").write_text(json.dumps({"method": {"name": "houlsby"}}))
     (root / "dir" / "link").symlink_to(root / "outside" / "d")
+    (root / "dir" / "pickled").mkdir()  # PEFT's old format: weights as a pickle, which may run code on load
+    (root / "dir" / "pickled" / "adapter_config.json").write_text((root / "a" / "adapter_config.json").read_text())
+    (root / "dir" / "pickled" / "adapter_model.bin").write_bytes(b"not read")
     args = [model, "--adapter", f"a={root / 'a'}", "--adapter", f"b={root / 'b'}", "--adapter-dir", root / "dir",
             "--max-adapters", "2", "--max-batch", "4", "--threads", "1", "--dtype", "fp32", "--api-key", KEY]
     with serving(args, root / "server.log") as running:
@@ -193,6 +196,8 @@ def test_run_time_loads_stay_inside_the_adapter_dir(server):
         assert answer.status_code == 400 and answer.json()["error"]["param"] == "lora_path", (name, answer.text)
     method = load(server, "m", "method")
     assert method.status_code == 400 and "not a LoRA adapter" in method.json()["error"]["message"]
+    pickled = load(server, "p", "pickled")
+    assert pickled.status_code == 400 and "safetensors only" in pickled.json()["error"]["message"]
     assert load(server, "a", "c").status_code == 400 and load(server, "bad name", "c").status_code == 400
     assert unload(server, server.model).status_code == 400
 

@@ -1,6 +1,7 @@
 """The server's app in this process (no port, no subprocess): a full queue, run-time loading switched off,
 `--merge`, and the command's option errors."""
 
+import asyncio
 import threading
 
 import pytest
@@ -9,9 +10,10 @@ from starlette.testclient import TestClient
 
 from lorafit.cli import main
 from lorafit.inference.engine import Engine
-from lorafit.inference.requests import Request, Sampling
+from lorafit.inference.requests import Event, Request, Sampling
 from lorafit.serve import create_app
 from lorafit.serve.server import ServeOptions, build_engine
+from lorafit.serve.service import Stream
 from tests.conftest import tiny_llama
 from tests.serve.conftest import save_adapters, serving_model, word_tokenizer
 
@@ -46,6 +48,21 @@ def test_a_full_queue_answers_429_with_retry_after_and_is_counted():
     finally:
         release.set()
         engine.stop()
+
+
+def test_a_sink_never_raises_once_its_event_loop_is_closed():
+    """The engine thread calls sinks; an exception there would fail the whole batch, so a request whose server
+    loop is gone (shutting down) must be a silent no-op."""
+
+    async def make() -> Stream:
+        return Stream()
+
+    loop = asyncio.new_event_loop()
+    stream = loop.run_until_complete(make())
+    stream.sink(Event(text="before"))
+    loop.close()
+    stream.sink(Event(text="after", finish_reason="stop"))
+    assert stream.queue.qsize() == 0  # "before" was scheduled on the loop, which never ran it
 
 
 def test_run_time_loading_is_off_without_an_adapter_dir(folders):

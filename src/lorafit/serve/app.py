@@ -23,7 +23,7 @@ from pathlib import Path
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 from starlette.exceptions import HTTPException
 
 from ..inference.engine import Engine
@@ -66,9 +66,15 @@ def create_app(engine: Engine, model_name: str, adapter_dirs=(), api_key: str | 
     api_key: when set, every /v1 route wants `Authorization: Bearer <api_key>`.
     """
     service = Service(engine, model_name, _adapter_paths(engine), roots_of(adapter_dirs))
-    registry = metrics.registry_for(engine, model_name, service.rejected)
-    created = int(time.time())
     app = FastAPI(title="lorafit serve", docs_url=None, redoc_url=None, openapi_url=None)
+    app.include_router(_api(service, api_key, max_body))
+    app.include_router(_operations(engine, metrics.registry_for(engine, model_name, service.rejected)))
+    _error_handlers(app)
+    return app
+
+
+def _api(service: Service, api_key: str | None, max_body: int) -> APIRouter:
+    """The /v1 routes: OpenAI's (models, completions, chat) and vLLM's (load and unload an adapter)."""
 
     async def authorized(http: Request) -> None:
         scheme, _, token = http.headers.get("authorization", "").partition(" ")
@@ -78,11 +84,13 @@ def create_app(engine: Engine, model_name: str, adapter_dirs=(), api_key: str | 
                            code="invalid_api_key")
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorized)])
+    created = int(time.time())
 
     @v1.get("/models")
     async def models() -> dict:
-        cards = [model_card(model_name, created, None, engine.max_len)]
-        cards += [model_card(name, created, model_name, engine.max_len) for name in service.adapters]
+        base, max_len = service.base, service.engine.max_len
+        cards = [model_card(base, created, None, max_len)]
+        cards += [model_card(name, created, base, max_len) for name in service.adapters]
         return {"object": "list", "data": cards}
 
     @v1.post("/completions")
@@ -103,25 +111,29 @@ def create_app(engine: Engine, model_name: str, adapter_dirs=(), api_key: str | 
         name = await service.unload(await read_json(http, max_body))
         return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
 
-    app.include_router(v1)
+    return v1
 
-    @app.get("/health")
+
+def _operations(engine: Engine, registry: CollectorRegistry) -> APIRouter:
+    """What operators and browsers ask for, without a key (as vLLM): /health, /metrics, the playground at /."""
+    router = APIRouter()
+
+    @router.get("/health")
     async def health() -> Response:
         alive = engine.thread.is_alive()
         return JSONResponse({"status": "ok" if alive else "engine stopped", "waiting": len(engine.waiting),
                              "running": len(engine.decoding) + (engine.prefilling is not None)},
                             status_code=200 if alive else 503)
 
-    @app.get("/metrics")
+    @router.get("/metrics")
     async def prometheus() -> Response:
         return Response(metrics.render(registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/", response_class=HTMLResponse)
+    @router.get("/", response_class=HTMLResponse)
     async def playground() -> HTMLResponse:
         return HTMLResponse(PLAYGROUND.read_text(encoding="utf-8") if PLAYGROUND.is_file() else PLACEHOLDER)
 
-    _error_handlers(app)
-    return app
+    return router
 
 
 def _error_handlers(app: FastAPI) -> None:

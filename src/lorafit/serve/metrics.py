@@ -47,16 +47,20 @@ class EngineCollector:
                 finished.add_metric([label], n)
         yield per_model
         yield finished
-        rejected = CounterMetricFamily("lorafit_requests_rejected", "Requests refused before they were queued, by "
-                                       "reason (queue_full: answered 429)", labels=["reason"])
-        for reason, n in self.rejected.items():
-            rejected.add_metric([reason], n)
-        yield rejected
+        yield self._rejected()
         yield GaugeMetricFamily("lorafit_adapters_resident", "Adapters held in memory (at most --max-adapters)",
                                 value=resident)
         yield GaugeMetricFamily("lorafit_threads", "Compute threads of the engine (--threads)", value=engine.threads)
         yield GaugeMetricFamily("lorafit_max_model_len", "Context length in tokens, prompt and completion together",
                                 value=engine.max_len)
+
+
+    def _rejected(self) -> CounterMetricFamily:
+        rejected = CounterMetricFamily("lorafit_requests_rejected", "Requests refused before they were queued, by "
+                                       "reason (queue_full: answered 429)", labels=["reason"])
+        for reason, n in self.rejected.items():
+            rejected.add_metric([reason], n)
+        return rejected
 
 
 def registry_for(engine: Engine, base: str, rejected: dict[str, int]) -> CollectorRegistry:

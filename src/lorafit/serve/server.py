@@ -117,7 +117,7 @@ def serve(options: ServeOptions, log: Callable[[str], None]) -> None:
         if options.host not in LOOPBACK and not options.api_key:
             log(f"warning: listening on {options.host} without --api-key: anyone who can reach this port can use "
                 "the model" + (" and load adapters from --adapter-dir" if options.adapter_dirs else ""))
-        log(f"serving {served} (context {engine.max_len} tokens, {engine.threads} threads) on "
+        log(f"serving {served} (context {engine.max_len} tokens, --threads {engine.threads}) on "
             f"http://{options.host}:{options.port}; OpenAI API at /v1, metrics at /metrics")
         config = uvicorn.Config(app, host=options.host, port=options.port, log_level="info", access_log=False,
                                 timeout_graceful_shutdown=5)
