@@ -122,6 +122,7 @@ def test_bad_requests_are_openai_errors_and_the_server_stays_up(server, client):
         (openai.BadRequestError, "stop", dict(model="a", stop=[""])),
         (openai.BadRequestError, "logprobs", dict(model="a", logprobs=2)),
         (openai.BadRequestError, "seed", dict(model="a", seed=2**64)),
+        (openai.BadRequestError, "ignore_eos", dict(model="a", extra_body={"ignore_eos": "yes"})),
     ]
     for error, param, kwargs in cases:
         with pytest.raises(error) as caught:
@@ -133,7 +134,7 @@ def test_bad_requests_are_openai_errors_and_the_server_stays_up(server, client):
                          (b" " * (1 << 21), 413)]:
         answer = httpx2.post(f"{server.url}/v1/completions", content=body, headers=headers, timeout=30)
         assert answer.status_code == status and set(answer.json()["error"]) == {"message", "type", "param", "code"}
-    assert complete(client, "a").choices[0].finish_reason == "length"
+    assert complete(client, "a", extra_body={"ignore_eos": True}).choices[0].finish_reason == "length"
 
 
 def test_the_api_key_is_required_on_v1(server):

@@ -69,7 +69,8 @@ def parse(body: dict, chat: bool, max_len: int) -> Job:
     budget = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = body.get(budget)
     sampling = Sampling(max_tokens=1 if max_tokens is None else max_tokens, temperature=_number(body, "temperature"),
-                        top_p=_number(body, "top_p"), seed=body.get("seed"), stop=_stop(body.get("stop")))
+                        top_p=_number(body, "top_p"), seed=body.get("seed"), stop=_stop(body.get("stop")),
+                        ignore_eos=False if body.get("ignore_eos") is None else body["ignore_eos"])  # vLLM's
     try:
         sampling.check(max_len)
     except BadRequest as err:  # its message starts with the field's name
