@@ -169,3 +169,28 @@ def bench_latency(
                        bottleneck=bottleneck, precision=precision, threads=threads, warmup=warmup, repeats=repeats,
                        out=str(out))
     print(format_table(run(cfg, log=log)))
+
+
+@bench_app.command("serve")
+def bench_serve(
+    model: Annotated[str, typer.Option(help="preset, model folder or .gguf file")] = "smollm2-135m-instruct",
+    adapters: Annotated[int, typer.Option(help="distinct adapters (random non-zero B)")] = 8,
+    r: Annotated[int, typer.Option(help="their LoRA rank")] = 8,
+    targets: Annotated[str, typer.Option(help="comma-separated LoRA targets")] = "q_proj,k_proj,v_proj,o_proj",
+    max_tokens: Annotated[int, typer.Option(help="tokens per completion (run to the end: ignore_eos)")] = 32,
+    clients: Annotated[str, typer.Option(help="comma-separated concurrent client counts")] = "1,8,32",
+    requests: Annotated[int, typer.Option(help="requests per client count and row")] = 32,
+    rounds: Annotated[int, typer.Option(help="interleaved rounds; tables show their medians")] = 2,
+    threads: Annotated[int, typer.Option(help="compute threads of each server")] = 2,
+    peft: Annotated[bool, typer.Option(help="the PEFT generate(adapter_names=...) row")] = True,
+    transformers_serve: Annotated[bool, typer.Option(help="the `transformers serve` row")] = True,
+    llama_cpp: Annotated[bool, typer.Option(help="the llama.cpp row (needs llama-cpp-python[server])")] = True,
+    out: Annotated[Path, typer.Option(help="output folder")] = Path("runs/bench-serve")):
+    """Serving many adapters: aggregate tokens/s, time to first token and inter-token latency at 1..N clients,
+    lorafit serve (mixed, one adapter, base, merged) against PEFT, transformers serve and llama.cpp."""
+    from ..tools.bench.serve import ServeBench, format_table, run
+
+    cfg = ServeBench(model=model, adapters=adapters, r=r, targets=targets.split(","), max_tokens=max_tokens,
+                     clients=[int(c) for c in clients.split(",")], requests=requests, rounds=rounds, threads=threads,
+                     peft=peft, transformers_serve=transformers_serve, llama_cpp=llama_cpp, out=str(out))
+    print(format_table(run(cfg, log=log)))

@@ -125,7 +125,8 @@ class LoraLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_forward(x)  # (..., out)
         if self.bank is not None and self.bank.routing.rows is not None:  # per-row adapters (core.mixed)
-            return y + self.bank(x).to(y.dtype)
+            delta = self.bank(x)
+            return y if delta is None else y + delta.to(y.dtype)
         if self._adds_update():
             y = self.lora[self.active].add_to(y, x, self)
         return y

@@ -5,10 +5,9 @@ A.T (in, r) and (scale * B).T (r, out), padded with zeros to the largest rank in
 add nothing, so adapters of different ranks and alphas share it exactly). A forward pass reads one slot index
 per row from the model's `Routing` and computes, for rows i,
 
-    y_i = W0 x_i + x_i @ A_slot(i).T @ (scale B)_slot(i).T        (two batched matmuls over gathered slots)
+    y_i = W0 x_i + x_i @ A_slot(i).T @ (scale B)_slot(i).T
 
-so the cost does not grow with the number of distinct adapters in the batch (the idea of punica's and
-S-LoRA's gathered kernels, here with plain torch.bmm).
+the base product once for the whole batch, the low-rank products per slot (see `Bank`).
 
     with lorafit.per_row(model, ["sql", None, "chat"]):   # adapters loaded the usual way, by name
         logits = model(input_ids).logits                   # row 1 is the base model
@@ -33,16 +32,40 @@ class Routing:
     """The slot index of each row of the next forward pass, shared by every bank of a model (None: banks off)."""
 
     def __init__(self) -> None:
-        self.rows: torch.Tensor | None = None  # (batch,) int64
+        self._rows: torch.Tensor | None = None
+        self.uniform: int | None = None  # the one slot every row uses, when they all use the same
+        self._masks: dict[tuple, torch.Tensor] = {}
+
+    @property
+    def rows(self) -> torch.Tensor | None:
+        return self._rows
+
+    @rows.setter
+    def rows(self, rows: torch.Tensor | None) -> None:
+        self._rows, self._masks = rows, {}
+        self.uniform = int(rows[0]) if rows is not None and len(rows) and bool((rows == rows[0]).all()) else None
+
+    def mask(self, slots: int, r: int, dtype: torch.dtype) -> torch.Tensor:
+        """(batch, 1, slots * r): ones over each row's own slot, zeros elsewhere (made once per forward)."""
+        key = (slots, r, dtype)
+        if key not in self._masks:
+            own = torch.nn.functional.one_hot(self._rows, slots).to(dtype)  # (batch, slots)
+            self._masks[key] = own.repeat_interleave(r, dim=1).unsqueeze(1)
+        return self._masks[key]
 
 
 class Bank:
-    """One layer's adapters stacked by slot: a (slots, in, r) and b (slots, r, out), slot 0 all zeros."""
+    """One layer's adapters side by side: a (in, slots, r) and b (slots, r, out), slot 0 all zeros.
+
+    A batch whose rows all use one slot takes that slot's two thin matrices (and slot 0 takes nothing). A mixed
+    batch multiplies by every slot at once and keeps each row's own slot with a 0/1 mask: two plain matmuls of
+    width slots * r, cheaper on a CPU than gathering a weight copy per row (lorafit bench serve measures it).
+    """
 
     def __init__(self, layer: LoraLinear, slots: int, routing: Routing, dtype: torch.dtype):
         self.routing = routing
         device = layer.weight.device
-        self.a = torch.zeros(slots, layer.in_features, 0, dtype=dtype, device=device)
+        self.a = torch.zeros(layer.in_features, slots, 0, dtype=dtype, device=device)
         self.b = torch.zeros(slots, 0, layer.out_features, dtype=dtype, device=device)
 
     @property
@@ -62,21 +85,29 @@ class Bank:
         r = update.lora_A.shape[0]
         self.grow(r)
         self.clear(slot)
-        self.a[slot, :, :r] = update.lora_A.T.to(self.a.dtype)
+        self.a[:, slot, :r] = update.lora_A.T.to(self.a.dtype)
         self.b[slot, :r, :] = (update.lora_B * update.scale).T.to(self.b.dtype)
 
     def clear(self, slot: int) -> None:
-        self.a[slot].zero_()
+        self.a[:, slot].zero_()
         self.b[slot].zero_()
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x (batch, ..., in) -> each row's B A x * scale (batch, ..., out), in the bank's dtype."""
-        rows = self.routing.rows
-        if rows.shape[0] != x.shape[0]:
-            raise ValueError(f"per-row adapters: {rows.shape[0]} names for a batch of {x.shape[0]} rows")
+    def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
+        """x (batch, ..., in) -> each row's B A x * scale (batch, ..., out) in the bank's dtype; None when every
+        row is on slot 0 (the base model)."""
+        routing = self.routing
+        if routing.rows.shape[0] != x.shape[0]:
+            raise ValueError(f"per-row adapters: {routing.rows.shape[0]} names for a batch of {x.shape[0]} rows")
+        if routing.uniform == 0 or self.rank == 0:
+            return None
         flat = x.reshape(x.shape[0], -1, x.shape[-1]).to(self.a.dtype)  # (batch, tokens, in)
-        h = torch.bmm(flat, self.a[rows])  # (batch, tokens, r)
-        return torch.bmm(h, self.b[rows]).reshape(*x.shape[:-1], self.b.shape[2])
+        if routing.uniform is not None:
+            out = flat @ self.a[:, routing.uniform] @ self.b[routing.uniform]
+        else:
+            slots, r = self.b.shape[0], self.rank
+            h = flat @ self.a.view(-1, slots * r) * routing.mask(slots, r, self.a.dtype)  # (batch, tokens, slots*r)
+            out = h @ self.b.view(slots * r, -1)
+        return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
 def _linear_layers(model: nn.Module) -> Iterator[LoraLinear]:

@@ -45,7 +45,10 @@ class Engine:
         self.max_batch, self.max_queue, self.prefill_chunk, self.threads = max_batch, max_queue, prefill_chunk, threads
         dtype = next(model.parameters()).dtype
         self.cache = SlotCache(model.config, max_batch, self.max_len, dtype)
-        self.adapters = None if merged else AdapterStore(model, max_adapters, dtype)
+        # The adapters' thin matmuls run in fp32 on a CPU: its bf16 kernels have a large fixed cost per call
+        # that a rank-8 product never earns back (docs/performance.md).
+        bank_dtype = torch.float32 if self.cache.keys[0].device.type == "cpu" else dtype
+        self.adapters = None if merged else AdapterStore(model, max_adapters, bank_dtype)
         self.eos = _eos_ids(model, tokenizer)
         forward = inspect.signature(model.forward).parameters
         self._cache_arg = "cache" if "cache" in forward else "past_key_values"  # transformers 5 / 4
