@@ -4,10 +4,12 @@ One thread owns the model and the process's compute threads; everything else onl
 (`submit`, `call`). Each step of its loop:
 
     1. run the queued commands (load or unload an adapter) and drop cancelled requests;
-    2. admit the next waiting request when a slot is free (its adapter loaded into a bank slot if needed);
-    3. decode one token for every running request, in one forward pass, each row with its own adapter;
-    4. prefill at most `prefill_chunk` prompt tokens of the request being admitted, so a long prompt delays the
-       running requests by one chunk per step, never by its whole length.
+    2. admit waiting requests while cache slots are free (each one's adapter loaded into a bank slot if needed);
+    3. decode one token for every decoding request, in one forward pass, each row with its own adapter;
+    4. prefill the admitted requests' prompts together, `prefill_chunk` tokens in all per step, so long prompts
+       delay the decoding requests by one chunk per step, never by their whole length.
+
+The cache slots hold `running`: its first `decoding` requests decode, the rest are being prefilled.
 
 A request leaves the batch at the step it ends (EOS, a stop string, max_tokens, the context limit, a client
 that went away) and the next one takes its slot.
@@ -37,7 +39,7 @@ class QueueFull(RuntimeError):
 
 class Engine:
     def __init__(self, model: nn.Module, tokenizer, *, max_batch: int = 8, max_adapters: int = 8,
-                 max_len: int | None = None, max_queue: int = 256, prefill_chunk: int = 128, threads: int = 1,
+                 max_len: int | None = None, max_queue: int = 256, prefill_chunk: int = 256, threads: int = 1,
                  merged: bool = False):
         self.model, self.tokenizer = model.eval(), tokenizer
         context = getattr(model.config, "max_position_embeddings", None) or 2048
@@ -52,10 +54,10 @@ class Engine:
         self.eos = _eos_ids(model, tokenizer)
         forward = inspect.signature(model.forward).parameters
         self._cache_arg = "cache" if "cache" in forward else "past_key_values"  # transformers 5 / 4
-        self._last_only = {"logits_to_keep": 1} if "logits_to_keep" in forward else {}
+        self._keep = "logits_to_keep" in forward  # the model computes logits only where they are needed
         self.waiting: deque[Request] = deque()
-        self.decoding: list[Request] = []  # slot i of the cache holds decoding[i]
-        self.prefilling: Request | None = None  # in slot len(decoding)
+        self.running: list[Request] = []  # cache slot i holds running[i]
+        self.decoding = 0  # running[:decoding] decode; running[decoding:] are being prefilled
         self.commands: queue.SimpleQueue = queue.SimpleQueue()
         self.lock, self.wake = threading.Lock(), threading.Event()
         self.stats = Counter()  # tokens, requests, per-adapter requests ("requests:<name>"), "finished:<reason>"
@@ -96,8 +98,7 @@ class Engine:
 
     def busy_adapters(self) -> set[str]:
         """Adapters that running requests use (engine thread only)."""
-        running = [*self.decoding, *([self.prefilling] if self.prefilling else [])]
-        return {r.adapter for r in running if r.adapter is not None}
+        return {r.adapter for r in self.running if r.adapter is not None}
 
     def tokens_per_second(self, window: float = 10.0) -> float:
         now = time.perf_counter()
@@ -114,7 +115,7 @@ class Engine:
             while not self._stop:
                 self._commands()
                 self._admit()
-                if not self.decoding and self.prefilling is None:
+                if not self.running:
                     self.wake.wait(0.5)
                     self.wake.clear()
                     continue
@@ -135,26 +136,26 @@ class Engine:
             self.adapters.release_unknown(self.busy_adapters())
 
     def _admit(self) -> None:
-        """Start the first waiting request whose adapter can be had now, when a slot is free."""
-        if self.prefilling is not None or len(self.decoding) >= self.max_batch:
-            return
+        """Start waiting requests, in order, while cache slots are free; one whose adapter has no bank slot yet
+        waits, and later requests may pass it."""
         with self.lock:
             candidates = list(self.waiting)
         for request in candidates:
+            if len(self.running) >= self.max_batch:
+                return
             if request.cancelled:
                 self._forget(request)
                 self._finish(request, "cancelled")
                 continue
             slot = self._adapter_slot(request)
             if slot is None:
-                continue  # its adapter waits for a slot; a later request may use a loaded one
+                continue  # its adapter waits for a bank slot; a later request may use a loaded one
             self._forget(request)
             if slot >= 0:
                 request.bank_slot = slot
-                self.prefilling = request
+                self.running.append(request)
                 self.stats["requests"] += 1
                 self.stats[f"requests:{request.adapter or 'base'}"] += 1
-            return
 
     def _adapter_slot(self, request: Request) -> int | None:
         """The bank slot for the request's adapter; -1 after failing a request whose adapter cannot load."""
@@ -175,43 +176,51 @@ class Engine:
             if request in self.waiting:
                 self.waiting.remove(request)
 
-    def _forward(self, ids: torch.Tensor, first: int, starts: list[int], slots: list[int]) -> torch.Tensor:
-        """Logits (n, vocab) of the last position of each row, rows in cache slots first..first+n-1."""
+    def _forward(self, ids: torch.Tensor, first: int, starts: list[int], last: list[int]) -> torch.Tensor:
+        """Logits (n, vocab) at column last[i] of each row i; the rows are running[first:first+n]."""
+        rows = self.running[first:first + len(starts)]
         positions, mask = self.cache.prepare(first, starts, ids.shape[1])
         if self.adapters is not None:
-            self.adapters.routing.rows = torch.tensor(slots)
-        out = self.model(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=True,
-                         **{self._cache_arg: self.cache}, **self._last_only)
-        return out.logits[:, -1]
+            self.adapters.routing.rows = torch.tensor([r.bank_slot for r in rows])
+        columns = sorted(set(last))
+        keep = {"logits_to_keep": torch.tensor(columns)} if self._keep else {}
+        logits = self.model(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=True,
+                            **{self._cache_arg: self.cache}, **keep).logits
+        picked = [columns.index(c) if self._keep else c for c in last]
+        return logits[torch.arange(len(last)), torch.tensor(picked)]
 
     def _decode(self) -> None:
         self._drop_cancelled()
         if not self.decoding:
             return
-        ids = torch.tensor([[r.out[-1]] for r in self.decoding])
-        logits = self._forward(ids, 0, [r.length - 1 for r in self.decoding], [r.bank_slot for r in self.decoding])
-        done = [i for i, r in enumerate(self.decoding) if self._emit(r, logits[i])]
-        self.recent.append((time.perf_counter(), len(self.decoding)))
+        rows = self.running[:self.decoding]
+        ids = torch.tensor([[r.out[-1]] for r in rows])
+        logits = self._forward(ids, 0, [r.length - 1 for r in rows], [0] * len(rows))
+        done = [i for i, r in enumerate(rows) if self._emit(r, logits[i])]
+        self.recent.append((time.perf_counter(), len(rows)))
         for i in reversed(done):
             self._leave(i)
 
     def _prefill(self) -> None:
-        request = self.prefilling
-        if request is None:
+        """Feed the next piece of every admitted prompt, all in one forward pass (shorter pieces padded: the
+        padding lands past each row's end, where nothing looks and the row's next tokens overwrite it)."""
+        rows = self.running[self.decoding:]
+        if not rows:
             return
-        if request.cancelled:
-            self.prefilling = None
-            self._finish(request, "cancelled")
-            return
-        chunk = request.prompt[request.prefilled:request.prefilled + self.prefill_chunk]
-        logits = self._forward(torch.tensor([chunk]), len(self.decoding), [request.prefilled], [request.bank_slot])
-        request.prefilled += len(chunk)
-        if request.prefilled < len(request.prompt):
-            return
-        self.prefilling = None
-        request.first_token = time.perf_counter()
-        if not self._emit(request, logits[0]):
-            self.decoding.append(request)  # it already sits in slot len(decoding)
+        width = max(1, min(self.prefill_chunk // len(rows), max(len(r.prompt) - r.prefilled for r in rows)))
+        pieces = [r.prompt[r.prefilled:r.prefilled + width] for r in rows]
+        ids = torch.tensor([p + [p[-1]] * (width - len(p)) for p in pieces])
+        logits = self._forward(ids, self.decoding, [r.prefilled for r in rows], [len(p) - 1 for p in pieces])
+        for request, piece, row_logits in zip(rows, pieces, logits):
+            request.prefilled += len(piece)
+            if request.prefilled < len(request.prompt):
+                continue
+            request.first_token = time.perf_counter()
+            i = self.running.index(request)
+            self._swap(i, self.decoding)  # it joins the decoding requests
+            self.decoding += 1
+            if self._emit(request, row_logits):
+                self._leave(self.decoding - 1)
 
     def _emit(self, request: Request, logits: torch.Tensor) -> bool:
         """Sample the request's next token and send its text; True when the request has ended."""
@@ -238,26 +247,37 @@ class Engine:
         request.sink(Event(text=rest, finish_reason=reason, prompt_tokens=len(request.prompt),
                            completion_tokens=len(request.out), error=error))
 
+    def _cached(self, i: int) -> int:
+        """Positions of cache slot i that hold running[i]'s tokens."""
+        r = self.running[i]
+        return r.length - 1 if i < self.decoding else r.prefilled
+
+    def _swap(self, i: int, j: int) -> None:
+        """Exchange running[i] and running[j], cache slots included."""
+        if i != j:
+            self.cache.swap(i, j, max(self._cached(i), self._cached(j)))
+            self.running[i], self.running[j] = self.running[j], self.running[i]
+
     def _leave(self, i: int) -> None:
-        """Remove decoding[i]; the last decoding request (and the one being prefilled) move down a slot."""
-        last = len(self.decoding) - 1
-        if i != last:
-            self.cache.move(last, i, self.decoding[last].length)
-            self.decoding[i] = self.decoding[last]
-        self.decoding.pop()
-        if self.prefilling is not None and self.prefilling.prefilled:
-            self.cache.move(last + 1, last, self.prefilling.prefilled)
+        """Remove running[i]; the last request of its group takes its slot, and the last of the prefilling
+        requests the slot the decoding group gives up."""
+        if i < self.decoding:
+            self._swap(i, self.decoding - 1)
+            self.decoding -= 1
+            i = self.decoding
+        self._swap(i, len(self.running) - 1)
+        self.running.pop()
 
     def _drop_cancelled(self) -> None:
-        for i in reversed(range(len(self.decoding))):
-            if self.decoding[i].cancelled:
-                self._finish(self.decoding[i], "cancelled")
+        for i in reversed(range(len(self.running))):
+            if self.running[i].cancelled:
+                self._finish(self.running[i], "cancelled")
                 self._leave(i)
 
     def _fail_running(self, err: Exception) -> None:
-        for request in [*self.decoding, *([self.prefilling] if self.prefilling else [])]:
+        for request in self.running:
             self._finish(request, "error", f"{type(err).__name__}: {err}")
-        self.decoding, self.prefilling = [], None
+        self.running, self.decoding = [], 0
 
 
 def _eos_ids(model: nn.Module, tokenizer) -> set[int]:

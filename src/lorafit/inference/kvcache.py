@@ -2,8 +2,8 @@
 
 Per layer, keys and values live in (slots, kv_heads, max_len, head_dim) tensors allocated once. The engine keeps
 its decoding sequences in slots 0..n-1 and the one being prefilled in slot n, so a decode step attends over the
-view [0:n] and a prefill chunk over [n:n+1]: no gather, no copy. A sequence that leaves is replaced by the last
-one (`move`), which keeps the slots packed.
+view [0:n] and a prefill chunk over [n:m]: no gather, no copy. A sequence that leaves is replaced by the last
+one (`swap`), which keeps the slots packed.
 
 The model sees this object as its cache (transformers calls `update(keys, values, layer_idx)` in every attention
 layer); `prepare` says, before each forward, which slots run, where each writes, and builds the attention mask
@@ -37,8 +37,8 @@ class SlotCache:
         device = self.keys[0].device
         start = torch.tensor(starts, device=device).unsqueeze(1)  # (n, 1)
         positions = start + torch.arange(q_len, device=device)  # (n, q)
-        self._rows, self._write = slice(first, first + n), positions
-        self._kv_len = max(starts) + q_len
+        self._rows, self._write = slice(first, first + n), positions.clamp(max=self.max_len - 1)
+        self._kv_len = min(max(starts) + q_len, self.max_len)
         key_pos = torch.arange(self._kv_len, device=device)  # (kv,)
         mask = key_pos.view(1, 1, -1) <= positions.unsqueeze(-1)  # (n, q, kv)
         return positions, mask.unsqueeze(1)
@@ -51,11 +51,12 @@ class SlotCache:
         values[rows, :, self._write] = value.transpose(1, 2).to(values.dtype)
         return keys[self._rows, :, :self._kv_len], values[self._rows, :, :self._kv_len]
 
-    def move(self, source: int, target: int, length: int) -> None:
-        """Copy the first `length` positions of slot `source` into slot `target`."""
+    def swap(self, i: int, j: int, length: int) -> None:
+        """Exchange the first `length` positions of slots i and j."""
+        pair = torch.tensor([i, j])
         for keys, values in zip(self.keys, self.values):
-            keys[target, :, :length] = keys[source, :, :length]
-            values[target, :, :length] = values[source, :, :length]
+            keys[[j, i], :, :length] = keys[pair, :, :length]
+            values[[j, i], :, :length] = values[pair, :, :length]
 
     # What transformers may ask of a cache besides `update` (the engine always passes position ids and a mask).
     is_compileable = False

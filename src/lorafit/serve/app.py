@@ -122,7 +122,7 @@ def _operations(engine: Engine, registry: CollectorRegistry) -> APIRouter:
     async def health() -> Response:
         alive = engine.thread.is_alive()
         return JSONResponse({"status": "ok" if alive else "engine stopped", "waiting": len(engine.waiting),
-                             "running": len(engine.decoding) + (engine.prefilling is not None)},
+                             "running": len(engine.running)},
                             status_code=200 if alive else 503)
 
     @router.get("/metrics")

@@ -23,7 +23,7 @@ class EngineCollector:
     def collect(self):
         engine = self.engine
         stats = dict(engine.stats)
-        running = len(engine.decoding) + (engine.prefilling is not None)
+        running = len(engine.running)
         resident = len(engine.adapters.resident) if engine.adapters is not None else 0
         yield GaugeMetricFamily("lorafit_requests_waiting", "Requests queued for a batch slot",
                                 value=len(engine.waiting))
