@@ -179,7 +179,8 @@ def bench_serve(
     targets: Annotated[str, typer.Option(help="comma-separated LoRA targets")] = "q_proj,k_proj,v_proj,o_proj",
     max_tokens: Annotated[int, typer.Option(help="tokens per completion (run to the end: ignore_eos)")] = 32,
     clients: Annotated[str, typer.Option(help="comma-separated concurrent client counts")] = "1,8,32",
-    requests: Annotated[int, typer.Option(help="requests per client count and row")] = 32,
+    requests: Annotated[int, typer.Option(help="requests per client count and row: at least this many, and two "
+                                              "per client")] = 8,
     rounds: Annotated[int, typer.Option(help="interleaved rounds; tables show their medians")] = 2,
     threads: Annotated[int, typer.Option(help="compute threads of each server")] = 2,
     peft: Annotated[bool, typer.Option(help="the PEFT generate(adapter_names=...) row")] = True,

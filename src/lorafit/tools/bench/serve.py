@@ -49,7 +49,7 @@ class ServeBench:
     targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     max_tokens: int = 32
     clients: list[int] = field(default_factory=lambda: [1, 8, 32])
-    requests: int = 32  # per client count (at least the client count)
+    requests: int = 8  # per client count: at least this many, and two per client
     rounds: int = 2  # interleaved rounds; the medians are over these
     threads: int = 2
     max_model_len: int = 512
@@ -164,8 +164,9 @@ def _llama_cpp(cfg: ServeBench, servers: Servers):
     return url, lambda i: "model"
 
 
-def peft_round(cfg: ServeBench, peft_model, tokenizer, names: list[str], clients: int) -> tuple[list[Result], float]:
-    """The same requests through PEFT's mixed-adapter generate, in static batches of `clients`."""
+def peft_round(cfg: ServeBench, peft_model, tokenizer, names: list[str], clients: int,
+               n: int) -> tuple[list[Result], float]:
+    """The same `n` requests through PEFT's mixed-adapter generate, in static batches of `clients`."""
     from transformers import LogitsProcessor  # the step clock below; only this row needs it
 
     class Clock(LogitsProcessor):
@@ -177,8 +178,8 @@ def peft_round(cfg: ServeBench, peft_model, tokenizer, names: list[str], clients
             return scores
 
     results, started = [], time.perf_counter()
-    for first in range(0, cfg.requests, clients):
-        batch = list(range(first, min(first + clients, cfg.requests)))
+    for first in range(0, n, clients):
+        batch = list(range(first, min(first + clients, n)))
         texts = [tokenizer.apply_chat_template([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
                                                tokenize=False, add_generation_prompt=True) for i in batch]
         enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
@@ -237,10 +238,12 @@ def run(cfg: ServeBench, log=print) -> dict:
         adapters, merged = make_adapters(cfg, Path(tmp))
         rows, skipped = start_rows(cfg, servers, adapters, merged, log)
         peft = load_peft(cfg, adapters) if cfg.peft else None
+        for row, (url, model_of) in rows.items():  # untimed: a server's first request loads and warms it
+            run_clients(url, [(model_of(0), PROMPTS[0])], 1, 4)
         samples: dict[tuple[str, int], list[dict]] = {}
         for round_ in range(cfg.rounds):
             for clients in cfg.clients:
-                n = max(cfg.requests, clients)
+                n = max(cfg.requests, 2 * clients)
                 for row, (url, model_of) in rows.items():
                     requests = [(model_of(i), PROMPTS[i % len(PROMPTS)]) for i in range(n)]
                     extra = {"ignore_eos": True} if row.startswith("lorafit") else {}  # the others refuse it
@@ -249,7 +252,7 @@ def run(cfg: ServeBench, log=print) -> dict:
                     log(f"round {round_ + 1}, {clients} clients, {row}: {samples[(row, clients)][-1]['tokens_s']} "
                         "tokens/s")
                 if peft is not None:
-                    results, wall = peft_round(cfg, *peft, list(adapters), clients)
+                    results, wall = peft_round(cfg, *peft, list(adapters), clients, n)
                     samples.setdefault(("PEFT generate, mixed", clients), []).append(summarize(results, wall))
         limit = physical_limit(cfg)
     result = {"machine": machine(), "config": asdict(cfg), "limit": limit, "skipped": skipped,
@@ -296,8 +299,8 @@ def format_table(result: dict) -> str:
     skipped = "".join(f"\n- {k}: not measured ({v})" for k, v in result["skipped"].items())
     c = result["config"]
     return (f"{table}\n\n{c['model']}, {c['adapters']} adapters r={c['r']} on {', '.join(c['targets'])}; "
-            f"{c['requests']} greedy chat requests of {c['max_tokens']} tokens per client count; medians of "
-            f"{c['rounds']} interleaved rounds. {m['cpu']}, {c['threads']} threads per server.\n\n"
+            f"max({c['requests']}, 2 x clients) greedy chat requests of {c['max_tokens']} tokens per client count; "
+            f"medians of {c['rounds']} interleaved rounds. {m['cpu']}, {c['threads']} threads per server.\n\n"
             f"Physical limit: a decode step reads {lim['weight_bytes'] / 1e6:.0f} MB of bf16 weights; at the "
             f"measured {lim['bandwidth_gbs']} GB/s that is {lim['min_step_ms']} ms a step, at most "
             f"{lim['max_single_stream_tokens_s']} tokens/s for one stream.\n\nGoals (ratios of this run):\n{goals}"
