@@ -238,7 +238,7 @@ def run(cfg: ServeBench, log=print) -> dict:
         adapters, merged = make_adapters(cfg, Path(tmp))
         rows, skipped = start_rows(cfg, servers, adapters, merged, log)
         peft = load_peft(cfg, adapters) if cfg.peft else None
-        for row, (url, model_of) in rows.items():  # untimed: a server's first request loads and warms it
+        for url, model_of in rows.values():  # untimed: a server's first request loads and warms it
             run_clients(url, [(model_of(0), PROMPTS[0])], 1, 4)
         samples: dict[tuple[str, int], list[dict]] = {}
         for round_ in range(cfg.rounds):
