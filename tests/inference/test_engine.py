@@ -92,8 +92,8 @@ def reference(adapters, prompt, name, max_new_tokens):
 @torch.no_grad()
 def test_continuous_batches_match_each_request_alone(adapters, max_batch, prefill_chunk, max_adapters):
     """Fewer cache slots than requests (they join and leave), prompts prefilled together in pieces (the shorter
-    ones padded), 1 adapter slot for 2 adapters (evicted and reloaded) or 2 (mixed in one batch): every request's tokens equal greedy
-    decoding of it alone with its adapter loaded the usual way."""
+    ones padded), 1 adapter slot for 2 adapters (evicted and reloaded) or 2 (mixed in one batch): every
+    request's tokens equal greedy decoding of it alone with its adapter loaded the usual way."""
     engine = engine_for(adapters, max_batch=max_batch, prefill_chunk=prefill_chunk, max_adapters=max_adapters)
     engine.eos = set()  # run every request to max_tokens
     try:

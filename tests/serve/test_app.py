@@ -79,6 +79,7 @@ def test_merge_serves_the_adapter_folded_into_the_base_under_its_name(folders):
     common = dict(model=str(folders / "model"), adapters=[f"a={folders / 'a'}"], dtype="fp32", threads=1)
     merged, served = build_engine(ServeOptions(**common, merge=True), log=lambda line: None)
     banked, base = build_engine(ServeOptions(**common), log=lambda line: None)
+    merged.start(), banked.start()
     try:
         assert served == "a" and merged.adapters is None and base == str(folders / "model")
         merged_app, banked_app = TestClient(create_app(merged, served)), TestClient(create_app(banked, base))

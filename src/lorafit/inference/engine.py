@@ -1,7 +1,11 @@
 """The serving engine: continuous batching of many requests, each with its own adapter, over one base model.
 
 One thread owns the model and the process's compute threads; everything else only queues work for it
-(`submit`, `call`). Each step of its loop:
+(`submit`, `call`). A server runs the loop on the process's main thread (`run`): in another thread, torch's
+OpenMP workers of the two threads outnumber two cores, OpenMP stops spinning between its parallel regions, and
+every small operation waits for a worker to wake (measured: a 16-row SmolLM2 decode step with an adapter took
+119 ms on a second thread against 67 ms on the main one; docs/serving.md). `start` runs it on a thread of its own,
+for tests and scripts. Each step of its loop:
 
     1. run the queued commands (load or unload an adapter) and drop cancelled requests;
     2. admit waiting requests while cache slots are free (each one's adapter loaded into a bank slot if needed);
@@ -63,18 +67,27 @@ class Engine:
         self.stats = Counter()  # tokens, requests, per-adapter requests ("requests:<name>"), "finished:<reason>"
         self.recent: deque[tuple[float, int]] = deque(maxlen=256)  # (time, tokens) per step, for tokens/s
         self._stop = False
-        self.thread = threading.Thread(target=self._run, name="lorafit-engine", daemon=True)
+        self.thread: threading.Thread | None = None
+        self.looping = False  # the loop runs: only `submit` and `call` may reach the model now
 
     # --- what other threads call ---
 
     def start(self) -> Engine:
+        """Run the loop on a new thread (see the module docstring for why a server uses `run` instead)."""
+        self.thread = threading.Thread(target=self.run, name="lorafit-engine", daemon=True)
+        self.looping = True  # from now on, as far as other threads are concerned
         self.thread.start()
         return self
 
-    def stop(self) -> None:
+    def request_stop(self) -> None:
+        """Make the loop return after its current step (safe from a signal handler)."""
         self._stop = True
         self.wake.set()
-        self.thread.join()
+
+    def stop(self) -> None:
+        self.request_stop()
+        if self.thread is not None:
+            self.thread.join()
 
     def submit(self, request: Request) -> None:
         """Queue a request; BadRequest when its prompt does not fit, QueueFull when the queue is full."""
@@ -109,21 +122,26 @@ class Engine:
 
     # --- the engine thread ---
 
-    def _run(self) -> None:
+    def run(self, until: Callable[[], bool] = lambda: False) -> None:
+        """The engine loop, on the calling thread, until `stop`/`request_stop` or until() is true."""
         torch.set_num_threads(self.threads)
-        with torch.inference_mode():
-            while not self._stop:
-                self._commands()
-                self._admit()
-                if not self.running:
-                    self.wake.wait(0.5)
-                    self.wake.clear()
-                    continue
-                try:
-                    self._decode()
-                    self._prefill()
-                except Exception as err:  # a bug or out of memory: fail the running requests, keep serving
-                    self._fail_running(err)
+        self.looping = True
+        try:
+            with torch.inference_mode():
+                while not self._stop and not until():
+                    self._commands()
+                    self._admit()
+                    if not self.running:
+                        self.wake.wait(0.5)
+                        self.wake.clear()
+                        continue
+                    try:
+                        self._decode()
+                        self._prefill()
+                    except Exception as err:  # a bug or out of memory: fail the running requests, keep serving
+                        self._fail_running(err)
+        finally:
+            self.looping = False
 
     def _commands(self) -> None:
         while not self.commands.empty():

@@ -7,10 +7,10 @@
     POST /v1/unload_lora_adapter     {"lora_name"}
     GET  /health, GET /metrics, GET / (the playground page)
 
-The engine runs on its own thread (lorafit.inference.engine); this side only checks requests, queues them and
-relays the events the engine sends back (lorafit.serve.service). A request the server cannot take gets an
-OpenAI-shaped error (400, 401, 404, 413, 429), not a 500, and the server stays up; a client that goes away frees
-its slot.
+The engine loop runs on the main thread (lorafit.inference.engine), the app on another; the app only checks
+requests, queues them and relays the events the engine sends back (lorafit.serve.service). A request the server
+cannot take gets an OpenAI-shaped error (400, 401, 404, 413, 429), not a 500, and the server stays up; a client
+that goes away frees its slot.
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ def _operations(engine: Engine, registry: CollectorRegistry) -> APIRouter:
 
     @router.get("/health")
     async def health() -> Response:
-        alive = engine.thread.is_alive()
+        alive = engine.looping
         return JSONResponse({"status": "ok" if alive else "engine stopped", "waiting": len(engine.waiting),
                              "running": len(engine.running)},
                             status_code=200 if alive else 503)
@@ -169,4 +169,4 @@ def _adapter_paths(engine: Engine) -> dict[str, Path]:
     def read() -> dict[str, Path]:
         return dict(engine.adapters.paths)
 
-    return engine.call(read).result() if engine.thread.is_alive() else read()
+    return engine.call(read).result() if engine.looping else read()

@@ -7,6 +7,9 @@ engine on its own thread; nothing in the app changes them.
 
 from __future__ import annotations
 
+import signal
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,7 +89,7 @@ def parse_adapters(specs: list[str]) -> dict[str, Path]:
 
 
 def build_engine(options: ServeOptions, log: Callable[[str], None]) -> tuple[Engine, str]:
-    """(started engine with every adapter registered and loaded, the base's name in the API)."""
+    """(engine with every adapter registered and loaded, not yet running; the base's name in the API)."""
     adapters = options.check()
     net, tokenizer = load_model(options.model, dtype=DTYPES[options.dtype], quantize=options.quantize)
     served = options.model
@@ -98,14 +101,10 @@ def build_engine(options: ServeOptions, log: Callable[[str], None]) -> tuple[Eng
         adapters = {}
     engine = Engine(net, tokenizer, max_batch=options.max_batch, max_adapters=options.max_adapters,
                     max_len=options.max_model_len, max_queue=options.max_queue,
-                    threads=options.threads or torch.get_num_threads(), merged=options.merge).start()
-    try:
-        for name, path in adapters.items():
-            engine.call(lambda n=name, p=path: engine.adapters.register(n, p, load=True)).result()
-            log(f"adapter {name}: {path}")
-    except BaseException:
-        engine.stop()
-        raise
+                    threads=options.threads or torch.get_num_threads(), merged=options.merge)
+    for name, path in adapters.items():  # the loop does not run yet: this thread may touch the model
+        engine.adapters.register(name, path, load=True)
+        log(f"adapter {name}: {path}")
     return engine, served
 
 
@@ -121,6 +120,25 @@ def serve(options: ServeOptions, log: Callable[[str], None]) -> None:
             f"http://{options.host}:{options.port}; OpenAI API at /v1, metrics at /metrics")
         config = uvicorn.Config(app, host=options.host, port=options.port, log_level="info", access_log=False,
                                 timeout_graceful_shutdown=5)
-        uvicorn.Server(config).run()
+        run_both(engine, uvicorn.Server(config))
     finally:
         engine.stop()
+
+
+def run_both(engine: Engine, http: uvicorn.Server) -> None:
+    """The HTTP server on a thread of its own, the engine on this (the main) thread until Ctrl-C or SIGTERM, or
+    until the HTTP server ends; then both stop."""
+    web = threading.Thread(target=http.run, name="lorafit-http", daemon=True)
+    web.start()
+    while not http.started:  # a port in use ends the thread before it starts serving
+        if not web.is_alive():
+            raise RuntimeError("the HTTP server did not start; see its message above (is the port in use?)")
+        time.sleep(0.05)
+    previous = {sig: signal.signal(sig, lambda *_: engine.request_stop()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        engine.run(until=lambda: not web.is_alive())
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        http.should_exit = True
+        web.join(10)

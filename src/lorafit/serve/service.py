@@ -1,6 +1,6 @@
 """What the API's routes ask of the engine: generate (whole or streamed), load and unload adapters by name.
 
-The engine runs on its own thread. A request's events come back through `Stream`: the engine thread calls its
+The engine loop runs on a thread of its own. A request's events come back through `Stream`: the engine thread calls its
 sink, which hands each event to the event loop. A request ends for the engine when its client goes away: a
 stream's generator is closed (Starlette cancels it on disconnect) and a whole answer has a watcher that sees the
 disconnect; both cancel the request, which frees its slot at the engine's next step.
@@ -113,7 +113,7 @@ class Service:
                       job.max_tokens_field)
 
     def submit(self, request: Request, job: Job) -> None:
-        if not self.engine.thread.is_alive():
+        if not self.engine.looping:
             raise ApiError(503, "the engine has stopped; restart the server", kind="server_error")
         try:
             self.engine.submit(request)
