@@ -1,9 +1,10 @@
 """What the API's routes ask of the engine: generate (whole or streamed), load and unload adapters by name.
 
-The engine loop runs on a thread of its own. A request's events come back through `Stream`: the engine thread calls its
-sink, which hands each event to the event loop. A request ends for the engine when its client goes away: a
-stream's generator is closed (Starlette cancels it on disconnect) and a whole answer has a watcher that sees the
-disconnect; both cancel the request, which frees its slot at the engine's next step.
+The engine loop runs on another thread (the main one, in `lorafit serve`). A request's events come back through
+`Stream`: the engine thread calls its sink, which hands each event to the event loop. A request ends for the
+engine when its client goes away: a stream's generator is closed (Starlette cancels it on disconnect) and a whole
+answer has a watcher that sees the disconnect; both cancel the request, which frees its slot at the engine's next
+step.
 """
 
 from __future__ import annotations
