@@ -36,7 +36,7 @@ from ...core.surgery import delete_adapter, inject, lora_layers, set_adapter
 from ...models import load_model
 from ...models.load import save_merged
 from ...models.presets import PRESETS, cached_path
-from .common import machine, markdown, median
+from .common import machine, markdown, matmul_peak, median
 from .load import PROMPTS, Result, run_clients, wait_ready
 from .serve_report import plot, summarize
 
@@ -137,7 +137,9 @@ def start_rows(cfg: ServeBench, servers: Servers, adapters: dict[str, Path], mer
         _try_row(rows, skipped, "transformers serve, merged", log, lambda: (
             servers.start("transformers", argv, env={"OMP_NUM_THREADS": str(cfg.threads)}), lambda i: str(merged)))
     if cfg.llama_cpp:
-        _try_row(rows, skipped, "llama.cpp, base GGUF", log, lambda: _llama_cpp(cfg, servers))
+        gguf = cached_path(cfg.model) if cfg.model in PRESETS else None
+        kind = gguf.stem.rsplit(".", 1)[-1] if gguf is not None and "." in gguf.stem else "GGUF"  # e.g. Q4_1
+        _try_row(rows, skipped, f"llama.cpp, base {kind}", log, lambda: _llama_cpp(cfg, servers))
     return rows, skipped
 
 
@@ -227,7 +229,8 @@ def physical_limit(cfg: ServeBench) -> dict:
     bandwidth = memory_bandwidth()
     step = weight_bytes / (bandwidth * 1e9)
     return {"weight_bytes": weight_bytes, "bandwidth_gbs": round(bandwidth, 1), "min_step_ms": round(step * 1e3, 2),
-            "max_single_stream_tokens_s": round(1 / step, 1)}
+            "max_single_stream_tokens_s": round(1 / step, 1), "matmul_peak_gflops": {
+                "fp32": round(matmul_peak(torch.float32)), "bf16": round(matmul_peak(torch.bfloat16))}}
 
 
 def run(cfg: ServeBench, log=print) -> dict:
@@ -303,6 +306,11 @@ def format_table(result: dict) -> str:
             f"medians of {c['rounds']} interleaved rounds. {m['cpu']}, {c['threads']} threads per server.\n\n"
             f"Physical limit: a decode step reads {lim['weight_bytes'] / 1e6:.0f} MB of bf16 weights; at the "
             f"measured {lim['bandwidth_gbs']} GB/s that is {lim['min_step_ms']} ms a step, at most "
-            f"{lim['max_single_stream_tokens_s']} tokens/s for one stream.\n\nGoals (ratios of this run):\n{goals}"
+            f"{lim['max_single_stream_tokens_s']} tokens/s for one stream.{_peaks(lim)}\n\n"
+            f"Goals (ratios of this run):\n{goals}"
             f"{skipped}\n")
 
+
+def _peaks(limit: dict) -> str:
+    peaks = limit.get("matmul_peak_gflops")
+    return f" Matmul peak in the same run: fp32 {peaks['fp32']}, bf16 {peaks['bf16']} GFLOP/s." if peaks else ""
