@@ -221,3 +221,18 @@ def test_registering_an_adapter_at_run_time_never_evicts_one_that_running_reques
     assert list(store.resident) == ["a"] and set(store.paths) == {"a", "b"}
     assert store.slot("b", busy={"a"}) is None and store.slot("b", busy=set()) == 1
     assert list(store.resident) == ["b"]
+
+
+def test_request_stop_takes_no_lock(adapters):
+    """A signal handler calls request_stop, and may interrupt the loop inside Event.wait while that holds the
+    event's lock: request_stop must not take it (a second acquire of a plain Lock hangs forever)."""
+    engine = Engine(tiny_llama(), word_tokenizer())
+
+    def handler_inside_wait():
+        with engine.wake._cond:  # as the interrupted wait holds it
+            engine.request_stop()
+
+    caller = threading.Thread(target=handler_inside_wait, daemon=True)
+    caller.start()
+    caller.join(5)
+    assert not caller.is_alive() and engine._stop

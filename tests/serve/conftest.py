@@ -106,6 +106,7 @@ def serving(args: list, log: Path, env: dict | None = None, timeout: float = 90)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+            raise AssertionError(f"the server did not stop within 15 s of SIGTERM:\n{log.read_text()}") from None
 
 
 def _without_key(env: dict) -> dict:

@@ -80,12 +80,13 @@ class Engine:
         return self
 
     def request_stop(self) -> None:
-        """Make the loop return after its current step (safe from a signal handler)."""
+        """Make the loop return within half a second. Safe in a signal handler: it takes no lock (waking the loop
+        would take the lock of the wait the handler may have interrupted, and hang), the idle loop polls."""
         self._stop = True
-        self.wake.set()
 
     def stop(self) -> None:
-        self.request_stop()
+        self._stop = True
+        self.wake.set()
         if self.thread is not None:
             self.thread.join()
 
