@@ -9,10 +9,6 @@ to a .png path to keep a screenshot of the finished page.
 import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
 import urllib.request
 
 import pytest
@@ -23,7 +19,8 @@ from selenium.webdriver.support.ui import Select, WebDriverWait
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from tests.conftest import CLI_ENV, TINY_WORDS, tiny_generator_adapter
+from tests.conftest import TINY_WORDS, tiny_generator_adapter
+from tests.serve.conftest import serving
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -53,43 +50,16 @@ def api(url: str, body: dict | None = None) -> dict:
         return json.load(res)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """`lorafit serve` on a tiny saved Llama with one adapter, named "tiny": its base URL."""
     tmp = tmp_path_factory.mktemp("playground")
     adapter = tiny_generator_adapter(tmp)
     chat_tokenizer().save_pretrained(tmp / "model")  # replaces the folder's tokenizer
-    port = free_port()
     # fp32: the page's two requests, batched together, and the test's lone ones pick the same greedy tokens
-    with open(tmp / "serve.log", "w+") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "lorafit", "serve", str(tmp / "model"), "--adapter",
-                                 f"tiny={adapter}", "--port", str(port), "--threads", "1", "--dtype", "fp32"],
-                                env=CLI_ENV, stdout=log, stderr=subprocess.STDOUT)
-        url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 60
-        try:
-            while True:
-                try:
-                    api(url + "/v1/models")
-                    break
-                except OSError:
-                    log.seek(0)
-                    assert proc.poll() is None, f"lorafit serve exited:\n{log.read()}"
-                    assert time.monotonic() < deadline, f"lorafit serve did not answer in 60 s:\n{log.read()}"
-                    time.sleep(0.2)
-            yield url
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    args = [tmp / "model", "--adapter", f"tiny={adapter}", "--threads", "1", "--dtype", "fp32"]
+    with serving(args, tmp / "serve.log") as running:
+        yield running.url
 
 
 @pytest.fixture(scope="module")
