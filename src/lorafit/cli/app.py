@@ -27,6 +27,11 @@ def options(traceback: Annotated[bool, typer.Option("--debug", help="show the tr
     debug = traceback
 
 
+def debugging() -> bool:
+    """Whether `--debug` was given (commands that start other lorafit processes pass it on)."""
+    return debug
+
+
 def log(message: str) -> None:
     """Progress and notes go to stderr, unwrapped; results (tables, generations) go to stdout."""
     print(message, file=sys.stderr, flush=True)

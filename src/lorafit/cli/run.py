@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .app import EXTRA, app, log, reproduce_app
+from .app import EXTRA, app, debugging, log, reproduce_app
 
 
 @reproduce_app.command("flip")
@@ -44,17 +44,25 @@ def train(ctx: typer.Context,
           force: Annotated[bool, typer.Option(help="with --resume: accept config changes that change no step's "
                                                    "maths (train.steps, save_every, log_every, eval.*)")] = False,
           precision: Annotated[str | None, typer.Option(help="auto, bf16 or fp32 (= --train.precision)")] = None,
-          quantize: Annotated[str | None, typer.Option(help="none, nf4, int8 or gguf (= --model.quantize)")] = None):
+          quantize: Annotated[str | None, typer.Option(help="none, nf4, int8 or gguf (= --model.quantize)")] = None,
+          nproc: Annotated[int, typer.Option(min=1, help="train in N processes on this machine: starts `torchrun "
+                                                          "--standalone --nproc-per-node N` for you")] = 1):
     """Fine-tune a LoRA adapter as CONFIG says; extra `--section.key value` options override the file."""
     from ..training.config import load_run_config
     from ..training.cpu.memory import keep_freed_memory
+    from ..training.distributed import launch_local
     from ..training.recipe import train as run
 
-    cfg = load_run_config(config, [*ctx.args, *(["--train.precision", precision] if precision else []),
-                                   *(["--model.quantize", quantize] if quantize else [])])
+    overrides = [*ctx.args, *(["--train.precision", precision] if precision else []),
+                 *(["--model.quantize", quantize] if quantize else [])]
+    cfg = load_run_config(config, overrides)  # a bad config fails here, once, before any process starts
+    if nproc > 1:
+        flags = [flag for flag, on in (("--resume", resume), ("--overwrite", overwrite), ("--force", force)) if on]
+        raise SystemExit(launch_local(nproc, ["train", str(config), *flags, *overrides], debug=debugging()))
     keep_freed_memory()  # this process only trains: each step reuses what the last one freed (the run reports it)
     report = run(cfg, resume=resume, overwrite=overwrite, force=force, log=log)
-    _print_before_after(report)
+    if report is not None:  # None: a process of a distributed run other than rank 0, which reports
+        _print_before_after(report)
 
 def _print_before_after(report: dict) -> None:
     table = Table(title=f"{report['model']} on {report['val_rows']} validation rows ({report['metric']})")

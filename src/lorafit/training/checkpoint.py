@@ -27,6 +27,7 @@ from torch import nn
 from ..core.faults import kill_point
 from ..core.files import temp_dir, umask_modes, write_json
 from ..core.surgery import trainable_parameters
+from .distributed import World, broadcast, full_state, load_full_state
 
 LATEST = "latest.json"
 FILES = ("trainable.safetensors", "optimizer.pt", "state.json")  # state.json is written last
@@ -38,19 +39,23 @@ class CheckpointWriteError(OSError):
 
 
 def save_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict,
-                    keep: int = 2, fingerprint: dict | None = None) -> Path:
+                    keep: int = 2, fingerprint: dict | None = None, world: World = World()) -> Path:
     """Write a checkpoint for `state['step']` and point latest.json at it; keep the newest `keep` checkpoints.
 
     `fingerprint` (the run's config and data, `training.fingerprint`) is stored in state.json, so that a resume
     can check it continues the same run. A failed write raises CheckpointWriteError and leaves nothing behind.
+    In a distributed run every process calls this (FSDP2's shards are gathered) and rank 0 alone writes.
     """
-    folder.mkdir(parents=True, exist_ok=True)
     step = state["step"]
     final = folder / f"step-{step:06d}"
+    weights, optimizer_state = full_state(model, optimizer)
+    if not world.main:
+        return final
+    folder.mkdir(parents=True, exist_ok=True)
     tmp = temp_dir(folder, TEMP)
     try:
         try:
-            _write(tmp, model, optimizer, {**state, "fingerprint": fingerprint})
+            _write(tmp, weights, optimizer_state, {**state, "fingerprint": fingerprint})
         except (OSError, RuntimeError, SafetensorError) as err:  # torch.save and safetensors do not raise OSError
             raise _write_error(err, final) from err
         kill_point("checkpoint:before-rename", step)
@@ -63,12 +68,11 @@ def save_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optim
     return final
 
 
-def _write(tmp: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+def _write(tmp: Path, weights: dict[str, torch.Tensor], optimizer_state: dict, state: dict) -> None:
     """The checkpoint's files, into the temp folder `tmp`; state.json last (its presence marks a complete one)."""
-    weights = {name: p.detach().cpu().contiguous() for name, p in trainable_parameters(model)}
     save_file(weights, tmp / "trainable.safetensors")
     kill_point("checkpoint:after-weights", state["step"])
-    torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()}, tmp / "optimizer.pt")
+    torch.save({"optimizer": optimizer_state, "torch_rng": torch.get_rng_state()}, tmp / "optimizer.pt")
     (tmp / "state.json").write_text(json.dumps(state, indent=2))
     umask_modes(tmp)  # safetensors made its file 0600
 
@@ -173,19 +177,22 @@ def read_state(path: Path) -> dict:
     return json.loads((path / "state.json").read_text())
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """Restore trainable weights, optimizer and RNG state from `path`; returns its state (step, position)."""
-    weights = load_file(path / "trainable.safetensors")
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, world: World = World()) -> dict:
+    """Restore trainable weights, optimizer and RNG state from `path`; returns its state (step, position).
+
+    In a distributed run rank 0 reads the files and sends them to the others (the other nodes need not see the out
+    folder); the checkpoint may come from a run on any number of processes.
+    """
+    saved = None
+    if world.main:
+        extra = torch.load(path / "optimizer.pt", weights_only=True)  # tensors and numbers only: no code runs
+        saved = (load_file(path / "trainable.safetensors"), extra, read_state(path))
+    weights, extra, state = broadcast(saved, world)
     params = dict(trainable_parameters(model))
     if set(weights) != set(params):
         diff = sorted(set(weights) ^ set(params))[:3]
         raise ValueError(f"{path}: checkpoint does not match this run's trainable parameters (e.g. {diff}); "
                          "was the config changed since it was written?")
-    with torch.no_grad():
-        for name, tensor in weights.items():
-            params[name].copy_(tensor)
-    extra = torch.load(path / "optimizer.pt", weights_only=True)  # tensors and numbers only: no code runs
-    optimizer.load_state_dict(extra["optimizer"])
+    load_full_state(model, optimizer, weights, extra["optimizer"])
     torch.set_rng_state(extra["torch_rng"])
-    state = read_state(path)
     return {key: state[key] for key in ("step", "micro_batches", "seconds")}

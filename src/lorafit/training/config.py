@@ -18,6 +18,7 @@ from ..core.config import ConfigError, LoraConfig
 from ..data import DataConfig
 from ..methods import MethodConfig, get
 from ..quant import QUANTIZE
+from .distributed import PARALLEL
 from .runtime import PRECISIONS
 
 STRICT = ConfigDict(extra="forbid")  # an unknown key is an error, never silently ignored
@@ -68,6 +69,8 @@ class TrainConfig:
     compile: bool | str = "auto"  # torch.compile each block (a slow first step, faster ones after); "auto": for
     # runs long enough that it pays (bf16 on a CPU, unquantized, a working C++ compiler)
     device: str = "auto"  # "cpu", "cuda" / "cuda:N", or "auto": the GPU where CUDA has one, else the CPU
+    parallel: str = "ddp"  # under torchrun: "ddp" (each process holds the model) or "fsdp" (FSDP2 shards it)
+    timeout: float = 1800  # seconds a process waits on the others in a collective before it fails (torchrun)
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "log_every"):
@@ -82,6 +85,10 @@ class TrainConfig:
             raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", self.device):
             raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.parallel not in PARALLEL:
+            raise ConfigError(f"parallel must be one of {', '.join(PARALLEL)}, got {self.parallel!r}")
+        if not self.timeout > 0:
+            raise ConfigError(f"timeout must be > 0 seconds, got {self.timeout}")
         if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"need lr > 0 and 0 <= min_lr_ratio <= 1, got lr={self.lr}, "
                               f"min_lr_ratio={self.min_lr_ratio}")
@@ -131,6 +138,11 @@ class RunConfig:
         if self.data.packing and self.model.task == "classification":
             raise ConfigError("data.packing: applies to causal LM formats, not classification (model.task); drop "
                               "--data.packing")
+        if self.train.parallel == "fsdp" and self.model.quantize != "none":
+            raise ConfigError(f"train.parallel: fsdp shards plain weights; a quantized base (model.quantize: "
+                              f"{self.model.quantize}) keeps packed blocks FSDP2 cannot shard: use parallel: ddp")
+        if self.train.parallel == "fsdp" and self.train.compile is True:
+            raise ConfigError("train.parallel: fsdp runs eager blocks: set train.compile to auto or false")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -18,7 +18,8 @@ from .config import RunConfig
 from .runfolder import RunFolderError
 
 HARMLESS = ("train.steps", "train.save_every", "train.log_every", "train.eval_every", "train.tensorboard",
-            "train.device", "train.compile", "train.checkpointing", "eval.")  # "eval." : the whole section
+            "train.device", "train.compile", "train.checkpointing", "train.parallel", "train.timeout",
+            "eval.")  # "eval." : the whole section
 PATHS = ("out", "data.train", "data.validation")  # paths: the data files are fingerprinted by their contents
 
 

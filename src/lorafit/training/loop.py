@@ -21,20 +21,22 @@ from ..methods import model_inputs
 from ..methods.mezo import MeZO
 from .checkpoint import save_checkpoint
 from .config import RunConfig
+from .distributed import Replicas
 from .loss import causal_lm_loss
 from .optim import lr_at, set_lr
 from .report import MetricsLog
 from .runtime import autocast, evaluation, training
 
 
-def loss_of(model: nn.Module, batch: dict) -> torch.Tensor:
-    """The training loss of `batch`: the chunked next-token loss for language models, the model's own otherwise.
+def loss_of(model: nn.Module, batch: dict, chunked: bool = True) -> torch.Tensor:
+    """The training loss of `batch`: the chunked next-token loss for language models (unless not `chunked`), the
+    model's own otherwise.
 
     The batch goes to the model's device, with the method's virtual tokens put in (`methods.model_inputs`).
     """
     labels = batch.get("labels")
     inputs, _ = model_inputs(model, batch)
-    if labels is not None and labels.dim() == 2 and labels.shape == batch["input_ids"].shape:
+    if chunked and labels is not None and labels.dim() == 2 and labels.shape == batch["input_ids"].shape:
         return causal_lm_loss(model, inputs)
     return model(**inputs).loss
 
@@ -49,8 +51,10 @@ def micro_batches(examples: list[Example], batch_size: int, pad_id: int, seed: i
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, parts: list[dict], clip: float,
-               precision: str = "fp32") -> tuple:
-    """One optimizer step over `parts` (gradient accumulation); returns (mean loss, tokens seen)."""
+               precision: str = "fp32", replicas: Replicas | None = None) -> tuple:
+    """One optimizer step over `parts` (gradient accumulation; with several processes, each part is the global
+    micro-batch and `replicas` takes this rank's shard); returns (mean loss, tokens seen) of the global batch."""
+    replicas = replicas or Replicas(model, loss_of)
     model.train()
     tokens = sum(int(batch["attention_mask"].sum()) for batch in parts)
     if isinstance(optimizer, MeZO):  # two forward passes over all parts, no backward
@@ -58,19 +62,22 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, parts: list[d
 
         def closure() -> torch.Tensor:
             with autocast(precision, model):
-                return sum(loss_of(model, batch) for batch in parts) / len(parts)
+                local = sum(replicas.loss(batch) for batch in parts) / len(parts)
+            return torch.tensor(replicas.mean(local), dtype=torch.float64)
         return optimizer.step(closure).item(), tokens
-    total = 0.0
-    for batch in parts:
-        with training(precision, model):
-            loss = loss_of(model, batch) / len(parts)
-        loss.backward()
-        total += loss.item()
+    total = torch.zeros((), dtype=torch.float64)
+    for i, batch in enumerate(parts):
+        with replicas.sync(i == len(parts) - 1):  # DDP/FSDP reduce gradients on the last micro-batch only
+            with training(precision, model):
+                loss = replicas.loss(batch) / len(parts)
+            loss.backward()
+        total += loss.detach().double()
     if clip > 0:
         torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return total, tokens
+    replicas.steps += 1
+    return replicas.mean(total), tokens
 
 
 class _StopOnSigint:
@@ -97,44 +104,49 @@ class _StopOnSigint:
 
 def run_loop(model: nn.Module, optimizer: torch.optim.Optimizer, train_set: list[Example], val_set: list[Example],
              cfg: RunConfig, state: dict, pad_id: int, log: Callable[[str], None],
-             fingerprint: dict | None = None) -> dict:
+             fingerprint: dict | None = None, replicas: Replicas | None = None) -> dict:
     """Steps from state['step'] to cfg.train.steps, logging, evaluating and checkpointing on schedule.
 
     Ctrl-C finishes the current step, writes a checkpoint and ends the run; `--resume` continues from it. Each step
     is saved at most once: the final checkpoint is skipped when the last step was just saved (or resumed from).
-    `fingerprint` goes into every checkpoint (`training.fingerprint`).
+    `fingerprint` goes into every checkpoint (`training.fingerprint`). With several processes (`replicas`), each
+    runs this loop on its shard of every batch; rank 0 alone writes metrics, checkpoints and the progress bar.
     """
     t, out = cfg.train, Path(cfg.out)
+    replicas = replicas or Replicas(model, loss_of)
+    main = replicas.world.main
     stream = micro_batches(train_set, t.batch_size, pad_id, t.seed, state["micro_batches"])
-    metrics = MetricsLog(out / "metrics.jsonl", tensorboard=t.tensorboard, start_step=state["step"])
-    bar = tqdm(total=t.steps, initial=state["step"], desc="train", unit="step", dynamic_ncols=True)
+    metrics = MetricsLog(out / "metrics.jsonl" if main else None, tensorboard=t.tensorboard, start_step=state["step"])
+    bar = tqdm(total=t.steps, initial=state["step"], desc="train", unit="step", dynamic_ncols=True, disable=not main)
     saved = state["step"] if state["step"] > 0 else None  # a resumed run starts from a saved step
 
     def save() -> Path:
         nonlocal saved
         saved = state["step"]
-        return save_checkpoint(out / "checkpoints", model, optimizer, state, fingerprint=fingerprint)
+        return save_checkpoint(out / "checkpoints", model, optimizer, state, fingerprint=fingerprint,
+                               world=replicas.world)
 
     with _StopOnSigint() as sigint, metrics, bar:
         while state["step"] < t.steps:
             step, started = state["step"], time.perf_counter()
             lr = lr_at(step, t.lr, t.warmup_steps, t.steps, t.min_lr_ratio)
             set_lr(optimizer, lr)
+            torch.manual_seed(step_seed(t.seed, step, replicas.world.rank))  # dropout: fixed by (seed, step, rank)
             loss, tokens = train_step(model, optimizer, [next(stream) for _ in range(t.grad_accum)], t.clip,
-                                      t.precision)
+                                      t.precision, replicas)
             seconds = time.perf_counter() - started
             state = {"step": step + 1, "micro_batches": state["micro_batches"] + t.grad_accum,
                      "seconds": state["seconds"] + seconds}
-            row = {"step": step + 1, "loss": round(loss, 5), "lr": lr, "tokens_per_s": round(tokens / seconds, 1)}
+            row = {"step": step + 1, "loss": round(loss, 7), "lr": lr, "tokens_per_s": round(tokens / seconds, 1)}
             if (t.eval_every and (step + 1) % t.eval_every == 0) or step + 1 == t.steps:
                 with evaluation(t.precision, model):
-                    row["eval_loss"] = round(mean_loss(model, val_set, cfg.eval.batch_size, pad_id, loss_of), 5)
-                    row["eval_rows"] = len(val_set)  # the rows the final table scores too (eval.limit)
+                    eval_loss = mean_loss(model, val_set, cfg.eval.batch_size, pad_id, replicas.eval_loss)
+                row.update(eval_loss=round(eval_loss, 7), eval_rows=len(val_set))  # the rows the final table scores
             metrics.write(row, log if (step + 1) % t.log_every == 0 or "eval_loss" in row else None)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
             bar.update(1)
             kill_point("step", step + 1)
-            if sigint.requested:
+            if replicas.any_rank(sigint.requested):  # every process stops at the same step
                 log(f"interrupted at step {state['step']}: checkpoint saved to {save()}; continue with --resume")
                 raise SystemExit(130)
             if t.save_every and (step + 1) % t.save_every == 0:
@@ -142,3 +154,10 @@ def run_loop(model: nn.Module, optimizer: torch.optim.Optimizer, train_set: list
     if saved != state["step"]:
         save()
     return state
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The RNG seed of optimizer step `step` on process `rank`: dropout masks depend on nothing else, so a resumed
+    run draws the masks the uninterrupted one did, and each rank draws its own."""
+    return (seed * 1_000_003 + step) * 1_009 + rank
+

@@ -18,17 +18,19 @@ from torch import nn
 from .. import methods
 from ..core.adapter_io import LABELS_FILE, LORAFIT_FILE
 from ..core.anatomy import head_of
-from ..core.config import LoraConfig
+from ..core.config import ConfigError, LoraConfig
 from ..core.files import write_json
 from ..core.surgery import trainable_parameters, trainable_report
 from ..data import PROMPT_FILE, Example, encode, label_set, load_splits, prompt_record
 from ..inference.scoring import in_context_score, pick_metric, score
 from ..models import PRESETS, load_model
 from ..quant import model_bytes, quantized_weights
+from . import distributed
 from .checkpoint import load_checkpoint, read_state, resume_point
 from .config import RunConfig
 from .cpu import rowsplit
 from .cpu.memory import PeakWindow, allocator
+from .distributed import Replicas
 from .fingerprint import check_resume, fingerprint
 from .loop import loss_of, run_loop
 from .loss import release_scratch
@@ -40,57 +42,83 @@ from .runtime import dtype_for, evaluation, prepare, resolve_compile, resolve_de
 
 
 def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, force: bool = False,
-          log: Callable[[str], None] = print) -> dict:
+          log: Callable[[str], None] = print) -> dict | None:
     """Run the whole job `cfg` describes; returns (and writes to out/results.json) the before/after report.
 
     One run per out folder: the folder is locked while the run lasts (`runfolder.run_lock`). A new run refuses a
     folder that holds an earlier run unless `overwrite` (which clears it first). `resume` continues from the
     checkpoint latest.json names (else the newest complete one) if the checkpoint's fingerprint matches this
     config and data (`force` accepts differences that change no step's maths, e.g. more train.steps).
+
+    Under torchrun every process calls this: they join one process group (`distributed.start`), rank 0 owns the
+    out folder and the report, and the others return None.
     """
     if force and not resume:
         raise RunFolderError("--force only applies to --resume (it accepts harmless config changes)")
+    world = distributed.start(resolve_device(cfg.train.device), cfg.train.timeout)
+    try:
+        if not world.main:
+            distributed.barrier(world)  # until rank 0 has claimed the out folder
+            return _run(cfg, resume, force, lambda message: None, world)
+        return _claimed(cfg, resume, overwrite, force, log, world)
+    except RuntimeError as err:
+        if world.size > 1 and distributed.peer_failure(err):
+            raise distributed.PeerLost(f"rank {world.rank}: {distributed.peer_failure(err)}") from err
+        raise
+    finally:
+        distributed.stop()
+
+
+def _claimed(cfg: RunConfig, resume: bool, overwrite: bool, force: bool, log: Callable[[str], None],
+             world: distributed.World) -> dict:
+    """`_run` in the out folder, locked and claimed for this run (the process that writes it: rank 0)."""
     preflight(cfg)  # before any weight loads and before the folder is made: out writable, targets exist
     out = Path(cfg.out)
     made = not out.exists()
     try:
         with run_lock(out):
             claim(out, resume, overwrite, log)
-            return _run(cfg, resume, force, log)
+            distributed.barrier(world)
+            return _run(cfg, resume, force, log, world)
     except BaseException:
         if made and not any(p.name != LOCK for p in out.iterdir()):  # a run that failed before writing anything
             shutil.rmtree(out, ignore_errors=True)
         raise
 
 
-def _run(cfg: RunConfig, resume: bool, force: bool, log: Callable[[str], None]) -> dict:
-    """The recipe itself, in the locked and claimed out folder."""
+def _run(cfg: RunConfig, resume: bool, force: bool, log: Callable[[str], None],
+         world: distributed.World = distributed.World()) -> dict | None:
+    """The recipe itself, in the locked and claimed out folder (rank 0; the other ranks train and return None)."""
     out = Path(cfg.out)
     torch.manual_seed(cfg.train.seed)
     train_rows, val_rows, fmt = load_splits(cfg.data, seed=cfg.train.seed, log=log)
     labels = label_set(train_rows, val_rows) if cfg.model.task == "classification" else None
-    cfg, device, why = _resolved(cfg)  # from here on: train.precision and train.compile as they run
+    cfg, device, why = _resolved(cfg, world)  # from here on: train.precision and train.compile as they run
     precision = cfg.train.precision
     trains = methods.get(cfg.method.name).trains  # in-context: the frozen model with k examples in every prompt
+    if world.size > 1 and not trains:
+        raise ConfigError(f"method {cfg.method.name} trains nothing: run it in one process, without torchrun")
     run_id = fingerprint(cfg) if trains else None
-    checkpoint = _checked_checkpoint(cfg, run_id, force, log) if resume and trains else None  # before the model
+    checkpoint = _checked_checkpoint(cfg, run_id, force, log) if resume and trains and world.main else None
+    checkpoint = distributed.broadcast(checkpoint, world)  # rank 0 chose it; rank 0 reads it (`load_checkpoint`)
     model, tokenizer = _load_model(cfg, labels, device, log)
     log(f"compile: {'on' if cfg.train.compile else 'off'} ({why})")
     train_set = encode(train_rows, fmt, tokenizer, cfg.data, labels)
     val_set = encode(val_rows, fmt, tokenizer, cfg.data, labels)
     eval_rows, eval_set = val_rows[:cfg.eval.limit], val_set[:cfg.eval.limit]
     metric = pick_metric(cfg.eval.metric, cfg.model.task, fmt)
+    replicas = None
 
     def evaluate() -> dict:
         with evaluation(precision, model):
             return score(model, tokenizer, metric, eval_rows, eval_set, fmt, cfg.eval.batch_size,
-                         cfg.eval.max_new_tokens, log, loss=loss_of)
+                         cfg.eval.max_new_tokens, log, loss=replicas.eval_loss if replicas else loss_of)
 
     report = {"model": cfg.model.name, "method": cfg.method.name, "device": str(device), "precision": precision,
               "format": fmt, "quantize": cfg.model.quantize, "quantize_embeddings": cfg.model.quantize_embeddings,
-              "compile": cfg.train.compile, "model_bytes": model_bytes(model),
+              "compile": cfg.train.compile, "model_bytes": model_bytes(model), "world_size": world.size,
               "metric": metric, "labels": labels, "train_rows": len(train_rows), "val_rows": len(eval_rows)}
-    if cfg.eval.compare_base and not resume:
+    if cfg.eval.compare_base and not resume and world.main:  # rank 0 alone scores; the others wait for it
         log("scoring the base model ...")
         with PeakWindow() as peak:
             report["base"] = evaluate()
@@ -101,16 +129,22 @@ def _run(cfg: RunConfig, resume: bool, force: bool, log: Callable[[str], None]) 
         write_json(out / "results.json", report)
         return report
 
-    optimizer = _set_up_training(cfg, model, train_set, report, log)
-    state = _start(checkpoint, model, optimizer, log)
+    optimizer, replicas = _set_up_training(cfg, model, train_set, report, log, world)
+    state = _start(checkpoint, model, optimizer, log, world)
     report["allocator"] = allocator()  # the entry point of the run chose it (`lorafit train` keeps freed memory)
     with PeakWindow() as peak:
-        state = run_loop(model, optimizer, train_set, eval_set, cfg, state, tokenizer.pad_token_id, log, run_id)
+        state = run_loop(model, optimizer, train_set, eval_set, cfg, state, tokenizer.pad_token_id, log, run_id,
+                         replicas)
+    replicas.gather()  # FSDP2: whole weights from here on, for the adapter and the final scores
+    distributed.stop()  # rank 0 alone saves and scores, with no collective left (generate would sync FSDP ranks)
+    if not world.main:
+        return None
     release_scratch()  # the loss's buffers; evaluation below makes the small ones it needs
     info = _save_result(cfg, model, labels, prompt_record(train_rows, fmt, tokenizer), log)
     report.update(steps=state["step"], train_seconds=round(state["seconds"], 1), adapter=info,
                   trainable=trainable_report(model), peak_rss_mb_train=peak.mb, peak_gpu_mb_train=peak.gpu_mb,
-                  trainable_params=sum(p.numel() for _, p in trainable_parameters(model)))
+                  trainable_params=sum(p.numel() for _, p in trainable_parameters(model)),
+                  communication=replicas.communication())
     with PeakWindow() as peak:
         report["tuned"] = evaluate()
     report["peak_rss_mb_eval"] = peak.mb
@@ -120,11 +154,18 @@ def _run(cfg: RunConfig, resume: bool, force: bool, log: Callable[[str], None]) 
     return report
 
 
-def _resolved(cfg: RunConfig) -> tuple[RunConfig, torch.device, str]:
-    """(cfg with train.precision and train.compile resolved on this machine, the device, why compile is on or off)."""
+def _resolved(cfg: RunConfig, world: distributed.World) -> tuple[RunConfig, torch.device, str]:
+    """(cfg with train.precision and train.compile resolved on this machine, the device, why compile is on or off).
+
+    Under torchrun on CUDA, each process takes the GPU of its local rank."""
     device = resolve_device(cfg.train.device)
+    if world.size > 1 and device.type == "cuda":
+        device = torch.device("cuda", world.local_rank)
+        torch.cuda.set_device(device)
     precision = resolve_precision(cfg.train.precision, device)
     compiled, why = resolve_compile(cfg.train.compile, cfg.train.steps, device, precision, cfg.model.quantize != "none")
+    if world.size > 1 and cfg.train.parallel == "fsdp":
+        compiled, why = False, "off under FSDP2"
     return replace(cfg, train=replace(cfg.train, precision=precision, compile=compiled)), device, why
 
 
@@ -144,20 +185,25 @@ def _load_model(cfg: RunConfig, labels: list[str] | None, device: torch.device, 
 
 
 def _set_up_training(cfg: RunConfig, model: nn.Module, train_set: list[Example], report: dict,
-                     log: Callable[[str], None]) -> torch.optim.Optimizer:
-    """Inject the method's trainable parts, prepare the fast path (`runtime.prepare`) and make the optimizer."""
+                     log: Callable[[str], None], world: distributed.World) -> tuple[torch.optim.Optimizer, Replicas]:
+    """Inject the method's trainable parts, prepare the fast path (`runtime.prepare`), spread the model over the
+    processes (DDP or FSDP2, `distributed.Replicas`) and make the optimizer over what this process holds."""
     methods.setup(model, cfg.method, adapter_config(cfg, model))
     t = cfg.train
     halved = prepare(model, t.precision, t.checkpointing, compile_blocks=t.compile,
-                     rows=typical_rows(train_set, t.batch_size))
+                     rows=typical_rows(train_set, -(-t.batch_size // world.size)))
     report["halved_products"] = rowsplit.describe(halved)  # frozen products timed faster in halves of rows
     if halved:
         log(f"frozen products computed in halves of rows (timed faster on this CPU): {report['halved_products']}")
     log(f"method: {cfg.method.name}; {trainable_report(model)}")
     own = methods.get(cfg.method.name).optimizer  # MeZO: forward passes only, no gradients, no optimizer state
+    replicas = Replicas(model, loss_of, world, t.parallel, t.precision, gradients=own is None)
+    if world.size > 1:
+        log(f"distributed: {world.size} processes, {t.parallel if own is None else 'replicated (MeZO)'}; "
+            f"train.batch_size {t.batch_size} is the global batch, cut in {world.size} shards")
     if own is not None:
-        return own([p for _, p in trainable_parameters(model)], t.lr, t.weight_decay, t.seed, cfg.method)
-    return make_optimizer(model, t.lr, t.weight_decay)
+        return own([p for _, p in trainable_parameters(model)], t.lr, t.weight_decay, t.seed, cfg.method), replicas
+    return make_optimizer(model, t.lr, t.weight_decay), replicas
 
 
 def _save_result(cfg: RunConfig, model: nn.Module, labels: list[str] | None, prompt: dict,
@@ -208,11 +254,12 @@ def _checked_checkpoint(cfg: RunConfig, run_id: dict, force: bool, log: Callable
     return path
 
 
-def _start(path: Path | None, model: nn.Module, optimizer: torch.optim.Optimizer, log: Callable[[str], None]) -> dict:
+def _start(path: Path | None, model: nn.Module, optimizer: torch.optim.Optimizer, log: Callable[[str], None],
+           world: distributed.World) -> dict:
     """The loop's starting state: step 0, or the checkpoint at `path` loaded into the model and optimizer."""
     if path is None:
         return {"step": 0, "micro_batches": 0, "seconds": 0.0}
-    state = load_checkpoint(path, model, optimizer)
+    state = load_checkpoint(path, model, optimizer, world)
     log(f"resumed from {path} at step {state['step']}")
     return state
 

@@ -17,7 +17,10 @@ class MetricsLog:
     a step (the last one counts), so the file ends with exactly one row per step.
     """
 
-    def __init__(self, path: Path, tensorboard: bool = False, start_step: int = 0):
+    def __init__(self, path: Path | None, tensorboard: bool = False, start_step: int = 0):
+        self.file = self.board = None
+        if path is None:  # a process other than rank 0 of a distributed run: it writes nothing
+            return
         path.parent.mkdir(parents=True, exist_ok=True)
         kept = []
         if start_step and path.exists():
@@ -25,7 +28,6 @@ class MetricsLog:
             kept = list({row["step"]: row for row in rows if row.get("step", start_step + 1) <= start_step}.values())
         write_text(path, "".join(json.dumps(row) + "\n" for row in kept))
         self.file = path.open("a")
-        self.board = None
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter  # optional: TensorBoard is used only when asked for
@@ -35,6 +37,8 @@ class MetricsLog:
             self.board = SummaryWriter(str(path.parent / "tensorboard"), purge_step=purge)
 
     def write(self, row: dict, log: Callable[[str], None] | None = None) -> None:
+        if self.file is None:
+            return
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
         if self.board is not None:
@@ -51,7 +55,8 @@ class MetricsLog:
         self.close()
 
     def close(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
         if self.board is not None:
             self.board.close()
 
