@@ -101,7 +101,7 @@ def test_fsdp_refuses_a_quantized_base_and_compile(tmp_path):
         tiny_run_config(job, model, tmp_path / "out", "--train.parallel", "fsdp", "--model.quantize", "nf4")
     with pytest.raises(ConfigError, match="eager blocks"):
         tiny_run_config(job, model, tmp_path / "out", "--train.parallel", "fsdp", "--train.compile", "true")
-    with pytest.raises(ConfigError, match="parallel must be one of"):
+    with pytest.raises(ConfigError, match="parallel: must be one of ddp, fsdp"):
         tiny_run_config(job, model, tmp_path / "out", "--train.parallel", "zero3")
 
 

@@ -246,7 +246,7 @@ class Replicas:
 def _ddp(step_loss: StepLoss, model: nn.Module, replicas: Replicas) -> nn.Module:
     """DDP over `step_loss` with only trainable parameters in play; its comm hook counts the reduced bytes."""
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook  # DDP's own default
-    from torch.nn.parallel import DistributedDataParallel
+    from torch.nn.parallel import DistributedDataParallel  # only a distributed run needs it
 
     trained = {name for name, _ in trainable_parameters(model)}
     frozen = [f"model.{name}" for name, p in model.named_parameters() if name not in trained]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -89,12 +89,10 @@ def _claimed(cfg: RunConfig, resume: bool, overwrite: bool, force: bool, log: Ca
 def _run(cfg: RunConfig, resume: bool, force: bool, log: Callable[[str], None],
          world: distributed.World = distributed.World()) -> dict | None:
     """The recipe itself, in the locked and claimed out folder (rank 0; the other ranks train and return None)."""
-    out = Path(cfg.out)
     torch.manual_seed(cfg.train.seed)
     train_rows, val_rows, fmt = load_splits(cfg.data, seed=cfg.train.seed, log=log)
     labels = label_set(train_rows, val_rows) if cfg.model.task == "classification" else None
     cfg, device, why = _resolved(cfg, world)  # from here on: train.precision and train.compile as they run
-    precision = cfg.train.precision
     trains = methods.get(cfg.method.name).trains  # in-context: the frozen model with k examples in every prompt
     if world.size > 1 and not trains:
         raise ConfigError(f"method {cfg.method.name} trains nothing: run it in one process, without torchrun")
@@ -105,37 +103,28 @@ def _run(cfg: RunConfig, resume: bool, force: bool, log: Callable[[str], None],
     log(f"compile: {'on' if cfg.train.compile else 'off'} ({why})")
     train_set = encode(train_rows, fmt, tokenizer, cfg.data, labels)
     val_set = encode(val_rows, fmt, tokenizer, cfg.data, labels)
-    eval_rows, eval_set = val_rows[:cfg.eval.limit], val_set[:cfg.eval.limit]
-    metric = pick_metric(cfg.eval.metric, cfg.model.task, fmt)
-    replicas = None
-
-    def evaluate() -> dict:
-        with evaluation(precision, model):
-            return score(model, tokenizer, metric, eval_rows, eval_set, fmt, cfg.eval.batch_size,
-                         cfg.eval.max_new_tokens, log, loss=replicas.eval_loss if replicas else loss_of)
-
-    report = {"model": cfg.model.name, "method": cfg.method.name, "device": str(device), "precision": precision,
-              "format": fmt, "quantize": cfg.model.quantize, "quantize_embeddings": cfg.model.quantize_embeddings,
-              "compile": cfg.train.compile, "model_bytes": model_bytes(model), "world_size": world.size,
-              "metric": metric, "labels": labels, "train_rows": len(train_rows), "val_rows": len(eval_rows)}
+    job = _Scoring(cfg, model, tokenizer, fmt, val_rows[:cfg.eval.limit], val_set[:cfg.eval.limit], log)
+    report = {"model": cfg.model.name, "method": cfg.method.name, "device": str(device),
+              "precision": cfg.train.precision, "format": fmt, "quantize": cfg.model.quantize,
+              "quantize_embeddings": cfg.model.quantize_embeddings, "compile": cfg.train.compile,
+              "model_bytes": model_bytes(model), "world_size": world.size, "metric": job.metric, "labels": labels,
+              "train_rows": len(train_rows), "val_rows": len(job.rows)}
     if cfg.eval.compare_base and not resume and world.main:  # rank 0 alone scores; the others wait for it
         log("scoring the base model ...")
-        with PeakWindow() as peak:
-            report["base"] = evaluate()
-        report["peak_rss_mb_inference"] = peak.mb
+        report["base"], report["peak_rss_mb_inference"] = job.score()
     if not trains:
-        report["tuned"] = in_context_score(model, tokenizer, eval_rows, train_rows, fmt, cfg.method.shots,
+        report["tuned"] = in_context_score(model, tokenizer, job.rows, train_rows, fmt, cfg.method.shots,
                                            cfg.eval.batch_size, cfg.eval.max_new_tokens, cfg.train.seed, log)
-        write_json(out / "results.json", report)
+        write_json(Path(cfg.out) / "results.json", report)
         return report
 
-    optimizer, replicas = _set_up_training(cfg, model, train_set, report, log, world)
+    optimizer, job.replicas = _set_up_training(cfg, model, train_set, report, log, world)
     state = _start(checkpoint, model, optimizer, log, world)
     report["allocator"] = allocator()  # the entry point of the run chose it (`lorafit train` keeps freed memory)
     with PeakWindow() as peak:
-        state = run_loop(model, optimizer, train_set, eval_set, cfg, state, tokenizer.pad_token_id, log, run_id,
-                         replicas)
-    replicas.gather()  # FSDP2: whole weights from here on, for the adapter and the final scores
+        state = run_loop(model, optimizer, train_set, job.examples, cfg, state, tokenizer.pad_token_id, log, run_id,
+                         job.replicas)
+    job.replicas.gather()  # FSDP2: whole weights from here on, for the adapter and the final scores
     distributed.stop()  # rank 0 alone saves and scores, with no collective left (generate would sync FSDP ranks)
     if not world.main:
         return None
@@ -144,14 +133,41 @@ def _run(cfg: RunConfig, resume: bool, force: bool, log: Callable[[str], None],
     report.update(steps=state["step"], train_seconds=round(state["seconds"], 1), adapter=info,
                   trainable=trainable_report(model), peak_rss_mb_train=peak.mb, peak_gpu_mb_train=peak.gpu_mb,
                   trainable_params=sum(p.numel() for _, p in trainable_parameters(model)),
-                  communication=replicas.communication())
-    with PeakWindow() as peak:
-        report["tuned"] = evaluate()
-    report["peak_rss_mb_eval"] = peak.mb
+                  communication=job.replicas.communication())
+    report["tuned"], report["peak_rss_mb_eval"] = job.score()
+    _write_report(Path(cfg.out), report)
+    return report
+
+
+@dataclass
+class _Scoring:
+    """What scoring the model on the validation rows takes (before training, and after)."""
+
+    cfg: RunConfig
+    model: nn.Module
+    tokenizer: object
+    fmt: str
+    rows: list[dict]
+    examples: list[Example]
+    log: Callable[[str], None]
+    replicas: Replicas | None = None  # set once training is set up: its evaluation loss
+
+    def __post_init__(self) -> None:
+        self.metric = pick_metric(self.cfg.eval.metric, self.cfg.model.task, self.fmt)
+
+    def score(self) -> tuple[dict, float]:
+        """(the scores, the peak RSS in MB while scoring)."""
+        e = self.cfg.eval
+        with PeakWindow() as peak, evaluation(self.cfg.train.precision, self.model):
+            scores = score(self.model, self.tokenizer, self.metric, self.rows, self.examples, self.fmt, e.batch_size,
+                           e.max_new_tokens, self.log, loss=self.replicas.eval_loss if self.replicas else loss_of)
+        return scores, peak.mb
+
+
+def _write_report(out: Path, report: dict) -> None:
     plot_loss(out / "metrics.jsonl", out / "loss.png")
     plot_before_after(report, out / "before_after.png")
     write_json(out / "results.json", report)
-    return report
 
 
 def _resolved(cfg: RunConfig, world: distributed.World) -> tuple[RunConfig, torch.device, str]:
