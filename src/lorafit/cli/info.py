@@ -72,10 +72,13 @@ def plan(source: Annotated[str, typer.Argument(help="preset (gpt2, gpt2-medium, 
          alpha: Annotated[float | None, typer.Option(help="LoRA alpha (recorded; counts do not depend on it)")] = None,
          targets: Annotated[str | None, typer.Option(help="comma-separated modules (q,k,v: slices of a fused c_attn); "
                                                           "default: the query and value projections")] = None,
-         batch_size: Annotated[int, typer.Option(help="rows per step, for the activation estimate")] = 1,
+         batch_size: Annotated[int, typer.Option(help="rows per step (the global batch with --devices), for the "
+                                                      "activation estimate")] = 1,
          seq_len: Annotated[int, typer.Option(help="tokens per row, for the activation estimate")] = 512,
          adapter_dtype: Annotated[str, typer.Option(help="fp32, fp16 or bf16")] = "fp32",
          checkpointing: Annotated[bool, typer.Option(help="assume full gradient checkpointing")] = False,
+         devices: Annotated[int, typer.Option(min=1, help="data-parallel processes: adds each device's memory and "
+                                                          "traffic under DDP and FSDP")] = 1,
          out: Annotated[Path, typer.Option(help="folder for plan.json, plan.md, plan.png")] = Path("runs/plan")):
     """Parameters, adapter file size and training memory (full, LoRA, QLoRA) from a model config; no weights."""
     from ..core.files import check_writable
@@ -84,7 +87,8 @@ def plan(source: Annotated[str, typer.Argument(help="preset (gpt2, gpt2-medium, 
 
     check_writable(out)
     result = make_plan(source, r=r, alpha=alpha, targets=targets.split(",") if targets else None,
-                       batch_size=batch_size, seq_len=seq_len, adapter_dtype=adapter_dtype, checkpointing=checkpointing)
+                       batch_size=batch_size, seq_len=seq_len, adapter_dtype=adapter_dtype, checkpointing=checkpointing,
+                       devices=devices)
     print(format_plan(result))
     write_report(result, out)
     log(f"plan.json, plan.md and plan.png are in {out}")

@@ -20,11 +20,13 @@ import torch
 from torch import nn
 
 from ..core.adapter_io import PREFIX
+from ..core.anatomy import AnatomyError
 from ..core.config import LoraConfig
 from ..core.lora import LowRankEmbedding
 from ..core.surgery import TargetError, inject, lora_layers, module_kind
 from ..models.load import check_gguf
 from ..models.presets import ModelError
+from .plan_devices import device_assumptions, device_notes, device_plan, largest_block
 
 # Architecture presets: (model_type, transformers class, config kwargs). Numbers from the papers / model cards.
 PRESETS: dict[str, tuple[str, str, dict]] = {
@@ -301,7 +303,7 @@ def _assumptions(res: dict) -> list[str]:
         "through the frozen layers); LoRA's own (b, s, r) intermediates are left out. Not counted: temporary "
         "buffers, the CUDA context, allocator fragmentation.",
         f"Adapter file: safetensors, tensors in {res['adapter_file']['dtype']} + JSON header, PEFT's key names.",
-    ] + res["notes"]
+    ] + (device_assumptions(res["devices"]) if "devices" in res else []) + res["notes"]
 
 
 def _notes(source: str, res: dict) -> list[str]:
@@ -327,18 +329,34 @@ def _notes(source: str, res: dict) -> list[str]:
     return notes
 
 
+def _per_device(config, model: nn.Module, planned: dict, quant: list[int], res: dict, n: int) -> dict:
+    """The accounting on `n` devices (plan_devices): the one-device table for one device's rows of the global
+    batch, and for the largest block alone (FSDP gathers its full weights), in each method's format."""
+    a, p = res["activations"], res["params"]
+    act = activation_bytes(config, math.ceil(a["batch_size"] / n), a["seq_len"], a["checkpointing"],
+                           a["logits_bytes"] > 0, res["config"])
+    try:
+        block = largest_block(model, planned)
+    except AnatomyError as err:
+        raise PlanError(f"{res['config']}: {err}; the per-device accounting needs the model's blocks") from None
+    mine = memory_table(p["base"], quant, p["trainable"], act["bytes"])
+    gathered = memory_table(block["params"], block["quantized"], block["lora"], 0)
+    return device_plan(n, a["batch_size"], act, block, res["memory"], mine, gathered)
+
+
 def plan(source: str, r: int = 8, alpha: float | None = None, targets: list[str] | None = None, batch_size: int = 1,
-         seq_len: int = 512, adapter_dtype: str = "fp32", checkpointing: bool = False) -> dict:
+         seq_len: int = 512, adapter_dtype: str = "fp32", checkpointing: bool = False, devices: int = 1) -> dict:
     """Parameters, adapter file size and training memory of LoRA on `source`, without loading any weights.
 
     `targets` as in LoraConfig (suffixes, or ["all-linear"]); None: the query and value projections, the LoRA
     paper's choice (section 7.1). On a GPT-2-style fused c_attn, "q", "k", "v" plan a slice each (see
-    FUSED_SLICES). `adapter_dtype`: "fp32", "fp16" or "bf16".
+    FUSED_SLICES). `adapter_dtype`: "fp32", "fp16" or "bf16". `devices` > 1 adds each device's share when that
+    many processes train data-parallel (DDP and FSDP; `batch_size` is then the global batch).
     """
     if adapter_dtype not in DTYPE_BYTES:
         raise PlanError(f"adapter_dtype must be one of {', '.join(DTYPE_BYTES)}, got {adapter_dtype!r}")
-    if batch_size < 1 or seq_len < 1:
-        raise PlanError(f"batch_size and seq_len must be >= 1, got {batch_size} and {seq_len}")
+    if batch_size < 1 or seq_len < 1 or devices < 1:
+        raise PlanError(f"batch_size, seq_len and devices must be >= 1, got {batch_size}, {seq_len} and {devices}")
     config, label = load_config(source)
     model = build_meta(config)
     base = sum(p.numel() for p in model.parameters())
@@ -367,6 +385,9 @@ def plan(source: str, r: int = 8, alpha: float | None = None, targets: list[str]
         "memory": memory_table(base, quant, trainable, act["bytes"]),
     }
     res["notes"] = _notes(source, res)
+    if devices > 1:
+        res["devices"] = _per_device(config, model, planned, quant, res, devices)
+        res["notes"] += device_notes(res["devices"])
     max_pos = getattr(config, "max_position_embeddings", None)
     if max_pos and seq_len > max_pos:
         res["notes"].append(f"seq_len {seq_len} is beyond the model's max_position_embeddings {max_pos}.")

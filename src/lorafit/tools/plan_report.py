@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..core.files import atomic_write, write_json, write_text
 from .plan import METHODS
+from .plan_devices import PARALLEL, PARTS, rows
 
 
 def human(n: float) -> str:
@@ -39,8 +40,27 @@ def format_plan(res: dict) -> str:
     for key, row in res["memory"].items():
         cells = " | ".join(human(row[c]) for c in ("weights", "grads", "optimizer", "activations", "total"))
         lines.append(f"| {METHODS[key]} | {cells} |")
+    if "devices" in res:
+        lines += format_devices(res["devices"])
     lines += ["", "### Assumptions", ""] + [f"- {a}" for a in res["assumptions"]]
     return "\n".join(lines) + "\n"
+
+
+def format_devices(dev: dict) -> list[str]:
+    """The per-device section: a row per method and way of sharding, with the bytes each device sends per step."""
+    n, block = dev["count"], dev["block"]
+    lines = [
+        "", f"### Per device on {n} devices (DDP / FSDP)", "",
+        f"Global batch of {rows(dev['batch_size'])}: {rows(dev['rows_per_device'])} per device. FSDP's working "
+        f"buffer: the largest block ({block['path']}, 1 of {block['count']}) gathered, twice.", "",
+        "| method | parallel | " + " | ".join(PARTS) + " | total | sent per step |", "|---|---|" + "---:|" * 7,
+    ]
+    for key, ways in dev["memory"].items():
+        for way, label in PARALLEL.items():
+            row = ways[way]
+            cells = " | ".join(human(row[c]) for c in (*PARTS, "total", "comm_bytes"))
+            lines.append(f"| {METHODS[key]} | {label} | {cells} |")
+    return lines
 
 
 def _plot(res: dict, path: Path) -> None:
