@@ -194,17 +194,20 @@ def tiny_job(tmp_path):
     return tmp_path, model
 
 
+def tiny_run_args(job_dir, model, *overrides) -> list[str]:
+    """The `--section.key value` options of a 6-step fp32 run of `tiny_job(job_dir)`, then `overrides`."""
+    return ["--model.name", str(model), "--data.train", str(job_dir / "train.jsonl"),
+            "--data.validation", str(job_dir / "val.jsonl"), "--data.format", "instruction",
+            "--lora.targets", "all-linear", "--lora.dropout", "0.1", "--train.steps", "6",
+            "--train.batch_size", "4", "--train.grad_accum", "2", "--train.lr", "1e-2", "--train.warmup_steps",
+            "2", "--train.save_every", "3", "--train.precision", "fp32", "--eval.max_new_tokens", "2", *overrides]
+
+
 def tiny_run_config(job_dir, model, out, *overrides):
     """The RunConfig of a 6-step fp32 run of `tiny_job(job_dir)` writing to `out`; `overrides` as on the CLI."""
     from lorafit.training.config import load_run_config
 
-    args = ["--model.name", str(model), "--data.train", str(job_dir / "train.jsonl"),
-            "--data.validation", str(job_dir / "val.jsonl"), "--data.format", "instruction",
-            "--lora.targets", "all-linear", "--lora.dropout", "0.1", "--train.steps", "6",
-            "--train.batch_size", "4", "--train.grad_accum", "2", "--train.lr", "1e-2", "--train.warmup_steps",
-            "2", "--train.save_every", "3", "--train.precision", "fp32", "--eval.max_new_tokens", "2",
-            "--out", str(out), *overrides]
-    return load_run_config(None, args)
+    return load_run_config(None, tiny_run_args(job_dir, model, "--out", str(out), *overrides))
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,9 @@ import torch
 
 from lorafit.tools.bench import latency
 from lorafit.tools.bench.common import EXAMPLE_DATA, forward_flops
+from lorafit.tools.bench.dist import DistBench
+from lorafit.tools.bench.dist import format_table as format_dist
+from lorafit.tools.bench.dist import run as run_dist
 from lorafit.tools.bench.latency import LatencyBench, models
 from lorafit.tools.bench.train import SETUPS, TrainBench, format_table, run
 from tests.conftest import saved_tiny_model, tiny_gpt2, tiny_llama
@@ -149,3 +152,29 @@ def test_latency_run_writes_json_markdown_and_png(tmp_path):
 def test_the_default_benchmark_data_is_the_shipped_wordnet_file():
     """`lorafit bench train` without --data reads the repository's example data: the path must survive moves."""
     assert EXAMPLE_DATA.is_file() and EXAMPLE_DATA.name == "category_train.jsonl"
+
+
+@pytest.mark.slow
+def test_bench_dist_runs_one_and_two_processes_and_counts_the_bytes_each_step_reduces(tmp_path):
+    net = tmp_path / "model"
+    saved_tiny_model(net)
+    data = tmp_path / "rows.jsonl"
+    data.write_text("\n".join(json.dumps({"text": "hello world cat dog " * 8}) for _ in range(4)) + "\n")
+    cfg = DistBench(model=str(net), data=str(data), batch_size=4, seq_len=8, r=2, warmup=0, steps=2, rounds=1,
+                    cores=2, methods=["lora"], out=str(tmp_path / "bench"))
+    result = run_dist(cfg, log=lambda _: None)
+    assert json.loads((tmp_path / "bench" / "bench.json").read_text()) == result
+    one, two = result["rows"]
+    assert (one["processes"], one["threads_per_process"], two["processes"], two["threads_per_process"]) == (1, 2, 2, 1)
+    for row in (one, two):
+        assert row["step_s"] > 0 and len(row["peak_rss_mb_per_process"]) == row["processes"]
+    assert one["bytes_per_step"] == 0  # nothing to send
+    assert two["bytes_per_step"] == 4 * two["trainable_params"] > 0  # the fp32 LoRA gradients, nothing else
+    assert "| lora | 2 x 1 |" in format_dist(result)
+
+
+def test_bench_dist_refuses_one_process_or_a_batch_smaller_than_the_processes():
+    with pytest.raises(ValueError, match="nproc must be >= 2"):
+        DistBench(nproc=1)
+    with pytest.raises(ValueError, match="batch_size >= nproc"):
+        DistBench(nproc=4, batch_size=2)

@@ -3,12 +3,11 @@
 The unit tests check the pieces in this process. The slow ones start real `torchrun` runs of a tiny model on the
 CPU with gloo, two processes of one thread each, and compare what they write:
 - 2 processes (DDP, through `lorafit train --nproc 2`) against 1 process: per-step loss within 1e-5 relative and
-  the final adapter within 1e-5, with LoRA dropout 0;
-- FSDP2 against DDP, the same way;
-- a run whose rank 1 is SIGKILLed at step 4, resumed on 2 processes: the adapter of the uninterrupted run, bit for
-  bit; and resumed on 1 process: within 1e-5 of it;
-- with LoRA dropout 0.1, two "nodes" on loopback (torchrun --nnodes 2) against 2 processes on one node: the
-  same bits, since dropout masks depend on (seed, step, rank) only.
+  the final adapter within 1e-5, with LoRA dropout 0; and every other method, and a classifier, the same way;
+- FSDP2 against DDP, the same way, and its adapter against the gathered checkpoint;
+- with LoRA dropout 0.1, a run whose rank 1 is SIGKILLed at step 4, resumed on 2 processes, against a run on two
+  "nodes" on loopback (torchrun --nnodes 2): the same bits;
+- a checkpoint of the 2-process run resumed on 1 process: within 1e-5 of the 2-process run.
 """
 
 import json
@@ -17,6 +16,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,10 +24,20 @@ from safetensors.torch import load_file
 
 from lorafit.core.config import ConfigError
 from lorafit.training import distributed
+from lorafit.training.config import load_run_config
 from lorafit.training.distributed import World, launch_local, loss_terms, peer_failure, shard
 from lorafit.training.loop import step_seed
 from lorafit.training.recipe import train
-from tests.conftest import CLI_ENV, run_cli, tiny_job, tiny_run_config
+from tests.conftest import (
+    CLI_ENV,
+    TINY_WORDS,
+    run_cli,
+    tiny_bert,
+    tiny_job,
+    tiny_run_args,
+    tiny_run_config,
+    tiny_tokenizer,
+)
 
 # --- the pieces ---
 
@@ -113,13 +123,10 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
 def _config_args(job, model, out, *extra) -> list[str]:
-    """CONFIG and overrides of `lorafit train` for the run `tiny_run_config(job, model, out, *RUN, *extra)` is."""
+    """CONFIG and options of `lorafit train` for the run `tiny_run_config(job, model, out, *RUN, *extra)` is."""
     config = job / "run.yaml"
-    config.write_text(f"model: {{name: {model}}}\n"
-                      f"data: {{train: {job / 'train.jsonl'}, validation: {job / 'val.jsonl'}, format: instruction}}\n"
-                      "lora: {targets: all-linear}\n"
-                      "train: {steps: 6, grad_accum: 2, warmup_steps: 2, save_every: 3, precision: fp32}\n")
-    return [str(config), "--out", str(out), *RUN, *extra]
+    config.write_text("out: unused\n")  # every key comes from the options
+    return [str(config), *tiny_run_args(job, model, "--out", str(out), *RUN, *extra)]
 
 
 def _torchrun(*args, env=None, timeout=240) -> subprocess.CompletedProcess:
@@ -200,47 +207,102 @@ def test_fsdp2_trains_what_ddp_does_and_saves_a_whole_adapter(runs):
     assert json.loads((job / "fsdp" / "results.json").read_text())["communication"]["parallel"] == "fsdp"
 
 
-@pytest.mark.slow
-def test_a_killed_rank_stops_the_run_and_resume_ends_where_the_uninterrupted_run_did(runs):
+@pytest.fixture(scope="module")
+def nodes(runs):
+    """The tiny job on two "nodes" of one process each (torchrun --nnodes 2 on loopback), LoRA dropout 0.1."""
     job, model = runs
-    out = job / "killed"
-    done = _two(job, model, out, env={"LORAFIT_KILL_AT": "step@4", "LORAFIT_KILL_RANK": "1"})
-    assert done.returncode != 0
-    assert "rank 0: another process of this run died" in done.stderr  # rank 0's clear message, no hang
-    assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-000003"]
-    shutil.copytree(out, job / "killed-one")
-    done = _two(job, model, out, "--resume")
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert _adapter(out).keys() == _adapter(job / "ddp").keys()
-    assert all(torch.equal(value, _adapter(job / "ddp")[key]) for key, value in _adapter(out).items())
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:  # the same checkpoint, continued on one process
-        train(tiny_run_config(job, model, job / "killed-one", *RUN), resume=True, log=lambda message: None)
-    finally:
-        torch.set_num_threads(before)
-    _assert_close_runs(job / "killed-one", job / "ddp")
-
-
-@pytest.mark.slow
-def test_two_nodes_on_loopback_with_dropout_draw_what_one_node_does(runs):
-    job, model = runs
-    reference = _two(job, model, job / "node", "--lora.dropout", "0.1")
-    assert reference.returncode == 0, reference.stderr[-3000:]
-    port, nodes = _free_port(), []
+    port, agents = _free_port(), []
     for rank in (0, 1):
         command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
                    f"--node-rank={rank}", f"--rdzv-endpoint=127.0.0.1:{port}", "-m", "lorafit", "train",
                    *_config_args(job, model, job / "nodes", "--lora.dropout", "0.1")]
-        nodes.append(subprocess.Popen(command, env={**CLI_ENV, **ONE_THREAD}, stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.PIPE, text=True))
-    for node in nodes:
-        _, err = node.communicate(timeout=240)
-        assert node.returncode == 0, err[-3000:]
-    assert _losses(job / "nodes") == _losses(job / "node")
-    a, b = _adapter(job / "nodes"), _adapter(job / "node")
-    assert all(torch.equal(a[key], b[key]) for key in b)
-    assert not torch.equal(_adapter(job / "node")[next(iter(b))], _adapter(job / "ddp")[next(iter(b))])
+        agents.append(subprocess.Popen(command, env={**CLI_ENV, **ONE_THREAD}, stdout=subprocess.DEVNULL,
+                                       stderr=subprocess.PIPE, text=True))
+    for agent in agents:
+        _, err = agent.communicate(timeout=240)
+        assert agent.returncode == 0, err[-3000:]
+    return job / "nodes"
+
+
+@pytest.mark.slow
+def test_a_killed_rank_stops_the_run_and_resume_draws_and_ends_as_the_uninterrupted_run(runs, nodes):
+    """Killed and resumed on one node, with dropout: the two-node run's losses and adapter, bit for bit. So the
+    dropout masks depend on (seed, step, rank) alone: not on the launch, the node layout or the resume."""
+    job, model = runs
+    out = job / "killed"
+    done = _two(job, model, out, "--lora.dropout", "0.1", env={"LORAFIT_KILL_AT": "step@4", "LORAFIT_KILL_RANK": "1"})
+    assert done.returncode != 0
+    assert "rank 0: another process of this run died" in done.stderr  # rank 0's clear message, no hang
+    assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-000003"]
+    done = _two(job, model, out, "--lora.dropout", "0.1", "--resume")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert _losses(out) == _losses(nodes)
+    assert _adapter(out).keys() == _adapter(nodes).keys()
+    assert all(torch.equal(value, _adapter(nodes)[key]) for key, value in _adapter(out).items())
+    dropped = _adapter(job / "ddp")  # the same run with dropout 0 ends elsewhere: the masks took effect
+    assert not all(torch.equal(value, dropped[key]) for key, value in _adapter(out).items())
+
+
+@pytest.mark.slow
+def test_a_two_process_checkpoint_resumes_on_one_process(runs):
+    job, model = runs
+    shutil.copytree(job / "ddp", job / "ddp-one")
+    shutil.rmtree(job / "ddp-one" / "checkpoints" / "step-000006")  # back to the checkpoint at step 3
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(tiny_run_config(job, model, job / "ddp-one", *RUN), resume=True, log=lambda message: None)
+    finally:
+        torch.set_num_threads(before)
+    _assert_close_runs(job / "ddp-one", job / "ddp")
+
+
+METHODS = {  # every method that trains (bitfit on the classifier below), and a classifier: its loss averages rows
+    "full": ["--method.name", "full"],
+    "adapter": ["--method.name", "adapter", "--method.bottleneck", "8"],
+    "prompt": ["--method.name", "prompt", "--method.virtual_tokens", "4"],
+    "prefix": ["--method.name", "prefix", "--method.virtual_tokens", "4"],
+    "freeze": ["--method.name", "freeze", "--method.top_blocks", "1"],
+    "mezo": ["--method.name", "mezo", "--train.lr", "1e-3"],
+}
+
+
+@pytest.mark.slow
+def test_every_method_and_a_classifier_train_on_two_processes_as_on_one(runs, tmp_path):
+    job, model = runs
+    encoder = tiny_bert().bert
+    encoder.config.hidden_dropout_prob = encoder.config.attention_probs_dropout_prob = 0.0  # BERT's own dropout
+    encoder.save_pretrained(tmp_path / "encoder")  # draws per rank: off, for an exact comparison
+    tiny_tokenizer().save_pretrained(tmp_path / "encoder")
+    rows = [{"text": f"{a} {b}", "label": {"cat": "animal", "dog": "animal"}.get(a, "word")}
+            for a in TINY_WORDS for b in TINY_WORDS] * 2
+    (tmp_path / "classes.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    classify = ["--model.name", str(tmp_path / "encoder"), "--model.task", "classification", "--data.train",
+                str(tmp_path / "classes.jsonl"), "--data.validation", str(tmp_path / "classes.jsonl"),
+                "--data.format", "classification", "--lora.targets", "[query, value]"]
+    runs_of = {name: [*tiny_run_args(job, model, *RUN, *extra)] for name, extra in METHODS.items()}
+    runs_of["classifier"] = [*tiny_run_args(job, model, *RUN), *classify]
+    runs_of["classifier-bitfit"] = [*runs_of["classifier"], "--method.name", "bitfit"]  # Llama has no biases
+    spec = {name: {"one": [*args, "--out", str(tmp_path / name / "one")],
+                   "two": [*args, "--out", str(tmp_path / name / "two")]} for name, args in runs_of.items()}
+    (tmp_path / "spec.json").write_text(json.dumps({"runs": [[n, s["two"]] for n, s in spec.items()]}))
+    script = Path(__file__).with_name("dist_methods.py")
+    done = _torchrun("--standalone", "--nproc-per-node=2", str(script), str(tmp_path / "spec.json"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for args in spec.values():
+            train(load_run_config(None, args["one"]), log=lambda message: None)
+    finally:
+        torch.set_num_threads(before)
+    for name in spec:
+        one, two = tmp_path / name / "one", tmp_path / name / "two"
+        la, lb = _losses(one), _losses(two)
+        assert len(la) == len(lb) == 6 and max(abs(x - y) / abs(x) for x, y in zip(la, lb)) <= 1e-5, (name, la, lb)
+        assert json.loads((two / "results.json").read_text())["world_size"] == 2
+    full = json.loads((tmp_path / "full" / "two" / "results.json").read_text())
+    assert full["communication"]["allreduce_bytes_per_step"] == 4 * full["trainable_params"]  # every weight
 
 
 def test_the_world_is_one_process_outside_torchrun(monkeypatch):

@@ -148,6 +148,24 @@ def bench_train(
                      keep_freed_memory=keep_freed_memory, **extra)
     print(format_table(run(cfg, log=log)))
 
+@bench_app.command("dist")
+def bench_dist(
+    model: Annotated[str, typer.Option(help="preset, model folder or .gguf file")] = "smollm2-135m-instruct",
+    nproc: Annotated[int, typer.Option(help="processes of the distributed setups (DDP under torchrun)")] = 2,
+    batch_size: Annotated[int, typer.Option(help="rows per step: the global batch")] = 8,
+    seq_len: Annotated[int, typer.Option(help="tokens per row")] = 128,
+    methods: Annotated[str, typer.Option(help="lora, full or both (comma-separated)")] = "lora,full",
+    warmup: Annotated[int, typer.Option(help="untimed steps per job")] = 2,
+    steps: Annotated[int, typer.Option(help="timed steps per job")] = 5,
+    rounds: Annotated[int, typer.Option(help="jobs per setup, interleaved")] = 2,
+    out: Annotated[Path, typer.Option(help="output folder")] = Path("runs/bench-dist")):
+    """1 process x all cores against N processes sharing them (DDP): tokens/s, RSS per process, bytes per step."""
+    from ..tools.bench.dist import DistBench, format_table, run
+
+    cfg = DistBench(model=model, nproc=nproc, batch_size=batch_size, seq_len=seq_len, methods=methods.split(","),
+                    warmup=warmup, steps=steps, rounds=rounds, out=str(out))
+    print(format_table(run(cfg, log=log)))
+
 @bench_app.command("latency")
 def bench_latency(
     model: Annotated[str, typer.Option(help="preset, model folder, .gguf file, or gpt2-medium-random (GPT-2 medium's "

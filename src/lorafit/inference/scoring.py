@@ -122,7 +122,9 @@ def generate_ids(model: nn.Module, enc: dict, **kwargs) -> torch.Tensor:
     prefix goes in as the starting key/value cache, and the output repeats the prompt ids first.
     """
     inputs, _ = model_inputs(model, enc)
-    ids = model.generate(**inputs, **kwargs)  # (B, T + new), or (B, new) from inputs_embeds
+    # synced_gpus off: under torch.distributed with an FSDP-sharded model, transformers would otherwise make every
+    # step wait for the other processes, and lorafit generates on one process (rank 0) with whole weights
+    ids = model.generate(**inputs, synced_gpus=False, **kwargs)  # (B, T + new), or (B, new) from inputs_embeds
     return ids[:, inputs["input_ids"].shape[1]:] if "input_ids" in inputs else ids
 
 

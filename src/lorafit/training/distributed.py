@@ -37,6 +37,7 @@ from ..core.anatomy import blocks_of
 from ..core.surgery import trainable_parameters
 
 PARALLEL = ("ddp", "fsdp")
+_owned = False  # whether `start` made the process group (and `stop` may destroy it)
 LOSS_KEYS = ("input_ids", "attention_mask", "labels")
 
 
@@ -73,16 +74,19 @@ def launch_local(nproc: int, args: list[str], debug: bool = False) -> int:
 
 
 def start(device: torch.device, timeout_s: float) -> World:
-    """Join the process group torchrun set up (gloo on the CPU, nccl on CUDA); a no-op for one process.
+    """Join the process group torchrun set up (gloo on the CPU, nccl on CUDA); a no-op for one process, or when
+    the caller made a group already.
 
     `timeout_s` bounds every collective: a rank that died or hangs makes the others fail with an error instead of
     waiting for ever.
     """
+    global _owned
     world = launched()
-    if world.size == 1 or dist.is_initialized():
+    if world.size == 1 or dist.is_initialized():  # one process, or a group the caller made (left to the caller)
         return world
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    _owned = True
     return world
 
 
@@ -101,9 +105,12 @@ def peer_failure(err: BaseException) -> str | None:
 
 
 def stop() -> None:
-    """Leave the process group (at the end of a run, or when it failed)."""
-    if dist.is_initialized():
+    """Leave the process group `start` joined (at the end of a run, or when it failed); a group the caller made
+    stays."""
+    global _owned
+    if _owned and dist.is_initialized():
         dist.destroy_process_group()
+    _owned = False
 
 
 def barrier(world: World) -> None:

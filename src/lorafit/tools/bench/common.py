@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from ...models import load_model, save_merged
 from ...training.runtime import bf16_supported
 
 EXAMPLE_DATA = Path(__file__).resolve().parents[4] / "examples" / "wordnet" / "category_train.jsonl"
@@ -63,6 +64,20 @@ def forward_flops(config, tokens: int, seq_len: int) -> float:
     mlp = 3 * hidden * config.intermediate_size  # gate, up, down
     linear = layers * (attn + mlp) + config.vocab_size * hidden
     return 2.0 * tokens * linear + 4.0 * tokens * seq_len * heads * head_dim * layers
+
+
+def model_folder(model: str, out: Path, log=print) -> tuple[Path, object]:
+    """(out/model, its tokenizer): `model` written once as a plain model folder, which the benchmark's worker
+    processes read in seconds (a GGUF file takes ~20 s to dequantize, every time)."""
+    folder = out / "model"
+    if not (folder / "config.json").is_file():
+        log(f"writing {model} as a plain model folder for the workers ...")
+        loaded, tokenizer = load_model(model)
+        save_merged(loaded, tokenizer, folder, overwrite=True)
+        return folder, tokenizer
+    from transformers import AutoTokenizer  # heavy (seconds to import): only this path needs it
+
+    return folder, AutoTokenizer.from_pretrained(folder)
 
 
 def median(values: list[float]) -> float:

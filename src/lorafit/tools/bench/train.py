@@ -38,14 +38,14 @@ import torch
 from ...core.config import LoraConfig
 from ...core.files import write_json, write_text
 from ...core.surgery import inject
-from ...models import load_model, save_merged
+from ...models import load_model
 from ...quant import quantize_model, release_freed_memory
 from ...training.cpu.memory import KEEP_BELOW, TRIM_ABOVE, keep_freed_memory, peak_rss_mb, reset_peak
 from ...training.cpu.rowsplit import describe
 from ...training.loop import train_step
 from ...training.optim import make_optimizer
 from ...training.runtime import prepare, resolve_device
-from .common import EXAMPLE_DATA, forward_flops, machine, markdown, matmul_peak, median, text_batches
+from .common import EXAMPLE_DATA, forward_flops, machine, markdown, matmul_peak, median, model_folder, text_batches
 
 SETUPS = ("lorafit-fast", "lorafit-fp32", "peft-best", "peft-fp32", "full-fp32")
 EXTRA_SETUPS = ("lorafit-compile", "lorafit-fast-ckpt", "lorafit-nf4", "lorafit-gguf")  # on request
@@ -79,15 +79,7 @@ class TrainBench:
 def run(cfg: TrainBench, log=print) -> dict:
     """Prepare the model folder and batches, run the interleaved benchmark, write bench.json and bench.md."""
     out = Path(cfg.out)
-    folder = out / "model"
-    if not (folder / "config.json").is_file():  # transformers reads a plain folder in seconds; GGUF takes ~20 s
-        log(f"writing {cfg.model} as a plain model folder for the workers ...")
-        model, tokenizer = load_model(cfg.model)
-        save_merged(model, tokenizer, folder, overwrite=True)
-    else:
-        from transformers import AutoTokenizer  # heavy (seconds to import): only this path needs it
-
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+    folder, tokenizer = model_folder(cfg.model, out, log)
     batches = text_batches(tokenizer, Path(cfg.data), cfg.warmup + cfg.steps, cfg.batch_size, cfg.seq_len)
     torch.save(batches, out / "batches.pt")
     peaks = {"fp32": matmul_peak(torch.float32, cfg.device), "bf16": matmul_peak(torch.bfloat16, cfg.device)}
