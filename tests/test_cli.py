@@ -89,11 +89,15 @@ def test_chat_streams_turns_with_history_and_matches_generate(tmp_path):
 
 @pytest.mark.slow
 def test_real_smollm2_preset_trains_merges_and_reloads(tmp_path):
-    """A few steps on the shipped WordNet data with the real preset, then merge and reload with transformers."""
+    """A few steps on the shipped WordNet data with the real preset, then merge and reload with transformers.
+
+    The merge is `lorafit merge`'s own two calls (load_with_adapters, save_merged), in this process: the command
+    around them is tested on a tiny model, and each load of the real preset's GGUF file costs seconds."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from lorafit.inference.generate import load_with_adapters
+    from lorafit.models import save_merged
 
     example = REPO / "examples" / "smollm2-wordnet.yaml"
     done = run_cli("train", str(example), "--out", str(tmp_path / "run"), "--train.steps", "3",
@@ -102,14 +106,15 @@ def test_real_smollm2_preset_trains_merges_and_reloads(tmp_path):
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["base"]["metric"] == "exact_match" and results["tuned"]["loss"] < results["base"]["loss"]
     adapter = tmp_path / "run" / "adapter"
-    done = run_cli("merge", "--adapter", str(adapter), "--out", str(tmp_path / "merged"))
-    assert done.returncode == 0, done.stderr
 
     net, tokenizer, _ = load_with_adapters(None, [str(adapter)])
-    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
     ids = tokenizer(["the organ of sight", "a male with the same parents"], return_tensors="pt", padding=True)
     with torch.no_grad():
-        torch.testing.assert_close(merged(**ids).logits, net(**ids).logits, rtol=0, atol=1e-3)
+        expected = net(**ids).logits
+    save_merged(net, tokenizer, tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**ids).logits, expected, rtol=0, atol=1e-3)
 
 
 def test_adapter_saved_from_a_model_folder_records_its_base_and_merges_without_model(tmp_path):
