@@ -104,10 +104,7 @@ def _run(cfg: RunConfig, resume: bool, force: bool, log: Callable[[str], None],
     train_set = encode(train_rows, fmt, tokenizer, cfg.data, labels)
     val_set = encode(val_rows, fmt, tokenizer, cfg.data, labels)
     job = _Scoring(cfg, model, tokenizer, fmt, val_rows[:cfg.eval.limit], val_set[:cfg.eval.limit], log)
-    report = {"model": cfg.model.name, "method": cfg.method.name, "device": str(device),
-              "precision": cfg.train.precision, "format": fmt, "quantize": cfg.model.quantize,
-              "quantize_embeddings": cfg.model.quantize_embeddings, "compile": cfg.train.compile,
-              "model_bytes": model_bytes(model), "world_size": world.size, "metric": job.metric, "labels": labels,
+    report = {**_setting(cfg, device, model, world), "format": fmt, "metric": job.metric, "labels": labels,
               "train_rows": len(train_rows), "val_rows": len(job.rows)}
     if cfg.eval.compare_base and not resume and world.main:  # rank 0 alone scores; the others wait for it
         log("scoring the base model ...")
@@ -129,14 +126,25 @@ def _run(cfg: RunConfig, resume: bool, force: bool, log: Callable[[str], None],
     if not world.main:
         return None
     release_scratch()  # the loss's buffers; evaluation below makes the small ones it needs
+    report["communication"] = job.replicas.communication()
+    if world.size > 1:
+        log(f"communication: {report['communication']['bytes_per_step']:,} bytes per step between the "
+            f"{world.size} processes ({report['communication']['counted']})")
     info = _save_result(cfg, model, labels, prompt_record(train_rows, fmt, tokenizer), log)
     report.update(steps=state["step"], train_seconds=round(state["seconds"], 1), adapter=info,
                   trainable=trainable_report(model), peak_rss_mb_train=peak.mb, peak_gpu_mb_train=peak.gpu_mb,
-                  trainable_params=sum(p.numel() for _, p in trainable_parameters(model)),
-                  communication=job.replicas.communication())
+                  trainable_params=sum(p.numel() for _, p in trainable_parameters(model)))
     report["tuned"], report["peak_rss_mb_eval"] = job.score()
     _write_report(Path(cfg.out), report)
     return report
+
+
+def _setting(cfg: RunConfig, device: torch.device, model: nn.Module, world: distributed.World) -> dict:
+    """The report's record of what ran: model, method, device, precision, quantization, compile, processes."""
+    return {"model": cfg.model.name, "method": cfg.method.name, "device": str(device),
+            "precision": cfg.train.precision, "quantize": cfg.model.quantize,
+            "quantize_embeddings": cfg.model.quantize_embeddings, "compile": cfg.train.compile,
+            "model_bytes": model_bytes(model), "world_size": world.size}
 
 
 @dataclass
@@ -176,6 +184,9 @@ def _resolved(cfg: RunConfig, world: distributed.World) -> tuple[RunConfig, torc
     Under torchrun on CUDA, each process takes the GPU of its local rank."""
     device = resolve_device(cfg.train.device)
     if world.size > 1 and device.type == "cuda":
+        if world.local_rank >= torch.cuda.device_count():
+            raise ConfigError(f"rank {world.rank}: local rank {world.local_rank} has no GPU of its own (this machine "
+                              f"has {torch.cuda.device_count()}): start at most that many processes per node")
         device = torch.device("cuda", world.local_rank)
         torch.cuda.set_device(device)
     precision = resolve_precision(cfg.train.precision, device)
