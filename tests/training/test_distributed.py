@@ -11,7 +11,6 @@ CPU with gloo, two processes of one thread each, and compare what they write:
 """
 
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -264,11 +263,13 @@ METHODS = {  # every method that trains (bitfit on the classifier below), and a 
     "prefix": ["--method.name", "prefix", "--method.virtual_tokens", "4"],
     "freeze": ["--method.name", "freeze", "--method.top_blocks", "1"],
     "mezo": ["--method.name", "mezo", "--train.lr", "1e-3"],
+    "fsdp-bf16": ["--train.parallel", "fsdp", "--train.precision", "bf16"],  # bf16 gathers, fp32 reduction
 }
+TOLERANCE = {"fsdp-bf16": 2e-2}  # bf16 products: a few bits of 8 differ between one process's shapes and two
 
 
 @pytest.mark.slow
-def test_every_method_and_a_classifier_train_on_two_processes_as_on_one(runs, tmp_path):
+def test_every_method_a_classifier_and_fsdp_in_bf16_train_on_two_processes_as_on_one(runs, tmp_path):
     job, model = runs
     encoder = tiny_bert().bert
     encoder.config.hidden_dropout_prob = encoder.config.attention_probs_dropout_prob = 0.0  # BERT's own dropout
@@ -299,7 +300,8 @@ def test_every_method_and_a_classifier_train_on_two_processes_as_on_one(runs, tm
     for name in spec:
         one, two = tmp_path / name / "one", tmp_path / name / "two"
         la, lb = _losses(one), _losses(two)
-        assert len(la) == len(lb) == 6 and max(abs(x - y) / abs(x) for x, y in zip(la, lb)) <= 1e-5, (name, la, lb)
+        worst = max(abs(x - y) / abs(x) for x, y in zip(la, lb))
+        assert len(la) == len(lb) == 6 and worst <= TOLERANCE.get(name, 1e-5), (name, la, lb)
         assert json.loads((two / "results.json").read_text())["world_size"] == 2
     full = json.loads((tmp_path / "full" / "two" / "results.json").read_text())
     assert full["communication"]["allreduce_bytes_per_step"] == 4 * full["trainable_params"]  # every weight
@@ -312,4 +314,3 @@ def test_the_world_is_one_process_outside_torchrun(monkeypatch):
     monkeypatch.setenv("RANK", "3")
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert distributed.launched() == World(3, 4, 1) and not distributed.launched().main
-    assert os.environ["WORLD_SIZE"] == "4"

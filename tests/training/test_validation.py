@@ -13,4 +13,4 @@ def test_periodic_validation_uses_the_rows_the_final_table_scores(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     last = [row for row in rows if "eval_loss" in row][-1]
     assert report["val_rows"] == 3 and last["eval_rows"] == 3
-    assert last["eval_loss"] == round(report["tuned"]["loss"], 5)  # the same rows, the same final weights
+    assert last["eval_loss"] == round(report["tuned"]["loss"], 7)  # the same rows and final weights
