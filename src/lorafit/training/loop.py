@@ -83,19 +83,24 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, parts: list[d
 class _StopOnSigint:
     """Turn the first Ctrl-C into a request to stop at the next step boundary (a second one interrupts at once).
 
-    Only in the main thread, where Python delivers signals; a loop run from another thread leaves them alone.
+    A second SIGINT within `ECHO` seconds of the first counts as the same Ctrl-C: under torchrun a terminal's Ctrl-C
+    reaches each process twice, from the terminal and forwarded by torchrun. Only in the main thread, where Python
+    delivers signals; a loop run from another thread leaves them alone.
     """
 
+    ECHO = 2.0
+
     def __enter__(self):
-        self.requested = False
+        self.requested, self.first = False, 0.0
         main = threading.current_thread() is threading.main_thread()
         self.previous = signal.signal(signal.SIGINT, self._handle) if main else None
         return self
 
     def _handle(self, signum, frame):
-        if self.requested:
+        if self.requested and time.monotonic() - self.first > self.ECHO:
             raise KeyboardInterrupt
-        self.requested = True
+        if not self.requested:
+            self.requested, self.first = True, time.monotonic()
 
     def __exit__(self, *exc):
         if self.previous is not None:
