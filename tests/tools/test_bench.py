@@ -36,12 +36,17 @@ def test_latency_models_merged_equals_unmerged_and_differs_from_base(tmp_path):
     assert not any("lora" in name for name, _ in nets["lora-merged"].named_parameters())  # plain layers
 
 
-@pytest.mark.slow
-def test_bench_train_runs_every_setup_in_its_own_worker_and_writes_bench_json(tmp_path):
-    net = tmp_path / "model"
-    saved_tiny_model(net)
+def _bench_job(tmp_path):
+    """(a saved tiny model, a JSONL file of text) for the training benchmarks."""
+    net = saved_tiny_model(tmp_path / "model")
     data = tmp_path / "rows.jsonl"
     data.write_text("\n".join(json.dumps({"text": "hello world cat dog " * 8}) for _ in range(4)) + "\n")
+    return net, data
+
+
+@pytest.mark.slow
+def test_bench_train_runs_every_setup_in_its_own_worker_and_writes_bench_json(tmp_path):
+    net, data = _bench_job(tmp_path)
     cfg = TrainBench(model=str(net), data=str(data), batch_size=2, seq_len=8, r=2, warmup=1, steps=2,
                      out=str(tmp_path / "bench"), keep_freed_memory=True)
     result = run(cfg, log=lambda _: None)
@@ -156,10 +161,7 @@ def test_the_default_benchmark_data_is_the_shipped_wordnet_file():
 
 @pytest.mark.slow
 def test_bench_dist_runs_one_and_two_processes_and_counts_the_bytes_each_step_reduces(tmp_path):
-    net = tmp_path / "model"
-    saved_tiny_model(net)
-    data = tmp_path / "rows.jsonl"
-    data.write_text("\n".join(json.dumps({"text": "hello world cat dog " * 8}) for _ in range(4)) + "\n")
+    net, data = _bench_job(tmp_path)
     cfg = DistBench(model=str(net), data=str(data), batch_size=4, seq_len=8, r=2, warmup=0, steps=2, rounds=1,
                     cores=2, methods=["lora"], out=str(tmp_path / "bench"))
     result = run_dist(cfg, log=lambda _: None)

@@ -80,6 +80,17 @@ def model_folder(model: str, out: Path, log=print) -> tuple[Path, object]:
     return folder, AutoTokenizer.from_pretrained(folder)
 
 
+def bench_inputs(model: str, data: str, count: int, batch_size: int, seq_len: int, out: Path, device: str = "cpu",
+                 log=print) -> tuple[Path, dict[str, float]]:
+    """(the model folder, the matmul peaks) for a training benchmark's workers: `model` as a plain folder,
+    `count` batches of tokens from `data` in out/batches.pt, and this machine's fp32 and bf16 matmul peaks."""
+    folder, tokenizer = model_folder(model, out, log)
+    torch.save(text_batches(tokenizer, Path(data), count, batch_size, seq_len), out / "batches.pt")
+    peaks = {"fp32": matmul_peak(torch.float32, device), "bf16": matmul_peak(torch.bfloat16, device)}
+    log(f"matmul peak here: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s")
+    return folder, peaks
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 

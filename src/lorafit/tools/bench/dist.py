@@ -33,7 +33,7 @@ from ...training.cpu.memory import peak_rss_mb, reset_peak
 from ...training.loop import loss_of, train_step
 from ...training.optim import make_optimizer
 from ...training.runtime import bf16_supported, prepare
-from .common import EXAMPLE_DATA, machine, markdown, matmul_peak, median, model_folder, text_batches
+from .common import EXAMPLE_DATA, bench_inputs, machine, markdown, median
 
 METHODS = ("lora", "full")
 
@@ -67,11 +67,8 @@ class DistBench:
 def run(cfg: DistBench, log=print) -> dict:
     """Write the model folder and batches, run every setup's jobs interleaved, write bench.json and bench.md."""
     out = Path(cfg.out)
-    folder, tokenizer = model_folder(cfg.model, out, log)
-    batches = text_batches(tokenizer, Path(cfg.data), cfg.warmup + cfg.steps, cfg.batch_size, cfg.seq_len)
-    torch.save(batches, out / "batches.pt")
-    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
-    log(f"matmul peak here: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s")
+    folder, peaks = bench_inputs(cfg.model, cfg.data, cfg.warmup + cfg.steps, cfg.batch_size, cfg.seq_len, out,
+                                 log=log)
     cores = cfg.cores or os.cpu_count() or 1
     setups = [(method, procs) for method in cfg.methods for procs in (1, cfg.nproc)]
     jobs: dict[tuple, list[dict]] = {setup: [] for setup in setups}

@@ -45,7 +45,7 @@ from ...training.cpu.rowsplit import describe
 from ...training.loop import train_step
 from ...training.optim import make_optimizer
 from ...training.runtime import prepare, resolve_device
-from .common import EXAMPLE_DATA, forward_flops, machine, markdown, matmul_peak, median, model_folder, text_batches
+from .common import EXAMPLE_DATA, bench_inputs, forward_flops, machine, markdown, median
 
 SETUPS = ("lorafit-fast", "lorafit-fp32", "peft-best", "peft-fp32", "full-fp32")
 EXTRA_SETUPS = ("lorafit-compile", "lorafit-fast-ckpt", "lorafit-nf4", "lorafit-gguf")  # on request
@@ -79,11 +79,8 @@ class TrainBench:
 def run(cfg: TrainBench, log=print) -> dict:
     """Prepare the model folder and batches, run the interleaved benchmark, write bench.json and bench.md."""
     out = Path(cfg.out)
-    folder, tokenizer = model_folder(cfg.model, out, log)
-    batches = text_batches(tokenizer, Path(cfg.data), cfg.warmup + cfg.steps, cfg.batch_size, cfg.seq_len)
-    torch.save(batches, out / "batches.pt")
-    peaks = {"fp32": matmul_peak(torch.float32, cfg.device), "bf16": matmul_peak(torch.bfloat16, cfg.device)}
-    log(f"matmul peak here: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s")
+    folder, peaks = bench_inputs(cfg.model, cfg.data, cfg.warmup + cfg.steps, cfg.batch_size, cfg.seq_len, out,
+                                 cfg.device, log)
 
     workers = {name: _start(name, cfg, folder, out, log) for name in cfg.setups}
     times: dict[str, list[float]] = {name: [] for name in cfg.setups}
