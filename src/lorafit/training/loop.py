@@ -65,19 +65,19 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, parts: list[d
                 local = sum(replicas.loss(batch) for batch in parts) / len(parts)
             return torch.tensor(replicas.mean(local), dtype=torch.float64)
         return optimizer.step(closure).item(), tokens
-    total = torch.zeros((), dtype=torch.float64)
+    losses = []  # this rank's weighted loss of each part, on the model's device
     for i, batch in enumerate(parts):
         with replicas.sync(i == len(parts) - 1):  # DDP/FSDP reduce gradients on the last micro-batch only
             with training(precision, model):
                 loss = replicas.loss(batch) / len(parts)
             loss.backward()
-        total += loss.detach().double()
+        losses.append(loss.detach().double())
     if clip > 0:
         torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     replicas.steps += 1
-    return replicas.mean(total), tokens
+    return replicas.mean(torch.stack(losses).sum()), tokens
 
 
 class _StopOnSigint:
