@@ -34,6 +34,7 @@ WRITER = BUILD + """
 import sys, time
 folder, seconds = sys.argv[1], float(sys.argv[2])
 nets = [model(alpha, value) for alpha, value in {pairs}.items()]
+print("ready", flush=True)
 end, saves = time.monotonic() + seconds, 0
 while time.monotonic() < end:
     lorafit.save_adapter(nets[saves % 2], folder)
@@ -53,6 +54,8 @@ def test_concurrent_saves_and_loads_never_mix_two_adapters(tmp_path):
     lorafit.save_adapter(_model(8.0, 1.0), folder)
     writer = subprocess.Popen([sys.executable, "-c", textwrap.dedent(WRITER.format(pairs=PAIRS)), str(folder), "4"],
                               stdout=subprocess.PIPE, text=True)
+    # Wait for the writer's imports: on a slow machine all 20,000 loads could otherwise come before its first save.
+    assert writer.stdout.readline().strip() == "ready"
     loads, mixed, seen = 0, 0, set()
     while writer.poll() is None and loads < 20_000:
         cfg, tensors = lorafit.read_adapter(folder)
