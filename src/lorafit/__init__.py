@@ -19,6 +19,7 @@ from .core import (
     LowRank,
     LowRankEmbedding,
     TargetError,
+    WeightDecomposed,
     __version__,
     adapter_names,
     adapter_state,
@@ -41,8 +42,7 @@ from .core import (
 
 __all__ = [
     "__version__", "AdapterFileError", "ConfigError", "LoraConfig", "LoraEmbedding", "LoraLayer", "LoraLinear",
-    "LowRank",
-    "LowRankEmbedding", "TargetError", "adapter_names", "adapter_state", "delete_adapter", "disabled",
-    "find_targets", "inject", "load_adapter", "lora_layers", "merge", "merged_weight", "per_row", "read_adapter",
-    "save_adapter", "set_adapter", "trainable_report", "unload", "unmerge",
+    "LowRank", "LowRankEmbedding", "TargetError", "WeightDecomposed", "adapter_names", "adapter_state",
+    "delete_adapter", "disabled", "find_targets", "inject", "load_adapter", "lora_layers", "merge", "merged_weight",
+    "per_row", "read_adapter", "save_adapter", "set_adapter", "trainable_report", "unload", "unmerge",
 ]  # fmt: skip

@@ -50,6 +50,37 @@ def test_lorafit_adapter_loads_into_peft_with_same_logits(build, ours, theirs, i
     assert (logits(model, ids) - logits(peft_model, ids)).abs().max().item() <= 1e-5
 
 
+PATTERNS = {"rank_pattern": {"q_proj": 2, r"layers\.1\.mlp\.down_proj": 6}, "alpha_pattern": {"v_proj": 32}}
+
+
+def test_per_module_ranks_and_alphas_load_and_save_with_peft_logits(ids, tmp_path, peft):
+    """rank_pattern / alpha_pattern from PEFT load with PEFT's logits, and the adapter lorafit saves back (its
+    patterns included) gives PEFT the same logits; the ranks per module are the patterns'."""
+    targets = ["q_proj", "v_proj", "down_proj"]
+    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                               init_lora_weights=False, **PATTERNS))
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = lorafit.load_adapter(tiny_llama(), tmp_path / "peft")
+    torch.testing.assert_close(logits(ours, ids), logits(theirs, ids), rtol=1e-5, atol=1e-5)
+    ranks = {path: layer.lora["default"].lora_A.shape[0] for path, layer in lorafit.lora_layers(ours)}
+    assert ranks["model.layers.0.self_attn.q_proj"] == 2 and ranks["model.layers.1.mlp.down_proj"] == 6
+    assert ranks["model.layers.0.mlp.down_proj"] == 4 and ranks["model.layers.0.self_attn.v_proj"] == 4
+    assert ours.model.layers[0].self_attn.v_proj.lora["default"].scale == 8.0  # alpha 32 / r 4
+    lorafit.save_adapter(ours, tmp_path / "ours")
+    back = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "ours")
+    torch.testing.assert_close(logits(back, ids), logits(theirs, ids), rtol=1e-5, atol=1e-5)
+
+
+def test_lorafit_trains_per_module_ranks_that_peft_reads(ids, tmp_path, peft):
+    model = lorafit.inject(tiny_llama(), LoraConfig(r=4, alpha=8, targets=["q_proj", "v_proj", "down_proj"],
+                                                    **PATTERNS))
+    randomize_lora(model)
+    lorafit.save_adapter(model, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    torch.testing.assert_close(logits(theirs, ids), logits(model, ids), rtol=1e-5, atol=1e-5)
+    assert theirs.base_model.model.model.layers[1].mlp.down_proj.lora_A["default"].weight.shape[0] == 6
+
+
 @pytest.mark.parametrize("bias", ["lora_only", "all"])
 def test_modules_to_save_and_bias_round_trip_through_peft(bias, tmp_path, peft):
     ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(3))
@@ -159,9 +190,9 @@ def test_bad_config_value_names_the_key(tmp_path):
     config["bias"] = "sometimes"
     (path / "adapter_config.json").write_text(json.dumps(config))
     _assert_untouched_after(r"adapter_config.json.*bias", tiny_llama(), path)
-    config["bias"], config["use_dora"] = "none", True
+    config["bias"], config["lora_bias"] = "none", True
     (path / "adapter_config.json").write_text(json.dumps(config))
-    _assert_untouched_after(r"adapter_config.json.*use_dora", tiny_llama(), path)
+    _assert_untouched_after(r"adapter_config.json.*lora_bias", tiny_llama(), path)
 
 
 def test_broken_json_and_missing_files(tmp_path):

@@ -40,8 +40,34 @@ def test_peft_field_names_are_peft_names():
 def test_other_peft_types_and_unsupported_options_are_errors():
     with pytest.raises(ConfigError, match="peft_type must be \"LORA\" .*, got 'IA3'"):
         LoraConfig.from_peft({"peft_type": "IA3", "r": 8})
-    with pytest.raises(ConfigError, match="rank_pattern"):
-        LoraConfig.from_peft({"peft_type": "LORA", "r": 8, "rank_pattern": {"q_proj": 4}})
+    with pytest.raises(ConfigError, match="layer_replication"):
+        LoraConfig.from_peft({"peft_type": "LORA", "r": 8, "layer_replication": [[0, 2]]})
+
+
+def test_rank_and_alpha_patterns_follow_peft_matching_rule():
+    """PEFT's get_pattern_key over every module name of a model: the first key matching the name's end at a dot
+    boundary, regex keys included; lorafit must pick the same key, hence the same r and alpha."""
+    other = pytest.importorskip("peft.utils.other")
+    patterns = {r"layers\.0\.self_attn\.q_proj": 16, "q_proj": 2, "proj": 3, "mlp.up_proj": 5, "j": 7}
+    cfg = LoraConfig(r=4, alpha=8, rank_pattern=patterns, alpha_pattern={"v_proj": 32.0, "layers.1.mlp.down_proj": 1})
+    names = [f"model.layers.{i}.{m}" for i in range(2) for m in
+             ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.up_proj", "mlp.down_proj", "proj_x")]
+    for name in names:
+        key = other.get_pattern_key(patterns.keys(), name)
+        assert cfg.rank_of(name) == patterns.get(key, 4), name
+        akey = other.get_pattern_key(cfg.alpha_pattern.keys(), name)
+        assert cfg.scale_of(name) == cfg.alpha_pattern.get(akey, 8) / cfg.rank_of(name), name
+    assert cfg.rank_of("model.layers.0.self_attn.q_proj") == 16 and cfg.rank_of("model.layers.1.self_attn.q_proj") == 2
+    assert LoraConfig(r=4, alpha=8, rslora=True, rank_pattern={"q": 16}).scale_of("a.q") == 2.0
+    peft_form = cfg.to_peft()
+    assert peft_form["rank_pattern"] == patterns and LoraConfig.from_peft(peft_form).alpha_pattern == cfg.alpha_pattern
+    for bad, phrase in [({"rank_pattern": {"q": 0}}, "rank_pattern['q'] must be a positive integer"),
+                        ({"alpha_pattern": {"(": 2}}, "alpha_pattern key '(' is not a valid regular expression"),
+                        ({"rank_pattern": ["q"]}, "rank_pattern must be a mapping")]:
+        with pytest.raises(ConfigError, match=re.escape(phrase)):
+            LoraConfig(**bad)
+    with pytest.raises(ConfigError, match="rank_pattern must be a mapping of module-name patterns"):
+        LoraConfig.from_peft({"r": 4, "rank_pattern": {"q": "4"}}, source="a.json")
 
 
 def test_unknown_keys_warn_by_name_and_load():
@@ -63,6 +89,6 @@ def test_peft_defaults_fill_missing_or_null_keys_and_wrong_types_are_refused_by_
                                ("modules_to_save", 3, "modules_to_save must be a list of module names or null"),
                                ("target_modules", "(", "target_modules must be a non-empty list of module names, "
                                                        "a valid regular expression"),
-                               ("use_dora", 1, "use_dora=1 is not supported")]:
+                               ("use_dora", 1, "use_dora must be true or false")]:
         with pytest.raises(ConfigError, match=rf"^a\.json: {re.escape(phrase)}"):
             LoraConfig.from_peft({"target_modules": ["q"], key: value}, source="a.json")

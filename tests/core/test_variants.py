@@ -15,8 +15,8 @@ class DoubledRank(LowRank):
     def add_to(self, y, x, layer):
         return y + 2 * self(x).to(y.dtype)
 
-    def fold(self, weight, delta, sign=1.0):
-        return super().fold(weight, 2 * delta, sign)
+    def fold(self, weight, delta, sign=1.0, transposed=False):
+        return super().fold(weight, 2 * delta, sign, transposed)
 
 
 @pytest.fixture
@@ -28,10 +28,10 @@ def doubled():
 
 def test_plain_lora_is_the_registered_default_and_unknown_variants_are_refused():
     assert variant("lora") is LowRank and lorafit.LoraConfig().variant == "lora"
-    with pytest.raises(KeyError, match="no LoRA variant 'dora'; registered: lora"):
-        variant("dora")
-    with pytest.raises(lorafit.ConfigError, match="variant must be one of lora, got 'dora'"):
-        lorafit.LoraConfig(variant="dora")
+    with pytest.raises(KeyError, match="no LoRA variant 'vera'; registered: dora, lora"):
+        variant("vera")
+    with pytest.raises(lorafit.ConfigError, match="variant must be one of dora, lora, got 'vera'"):
+        lorafit.LoraConfig(variant="vera")
     with pytest.raises(ValueError, match="registered already"):
         register("lora", DoubledRank)
 

@@ -110,3 +110,29 @@ def test_typical_rows_is_the_batch_times_the_90th_percentile_length():
     examples = [Example(input_ids=[1] * n, labels=[1] * n) for n in range(1, 11)]  # lengths 1..10
     assert typical_rows(examples, 4) == 4 * 9
     assert typical_rows([], 4) == 0
+
+
+@pytest.mark.parametrize("quantize", ["none", "nf4"])
+def test_dora_with_per_module_ranks_trains_on_the_bf16_path_and_peft_reads_the_adapter(setup, quantize):
+    """DoRA (QDoRA over an NF4 base) with a rank_pattern, from the config file's keys, on the fast bf16 path: it
+    learns, its file has the magnitudes and the pattern's ranks, and PEFT gives lorafit's logits with it."""
+    peft = pytest.importorskip("peft")
+    import lorafit
+
+    tmp_path, model = setup
+    cfg = tiny_run_config(tmp_path, model, tmp_path / "dora", "--lora.use_dora", "true", "--lora.rank_pattern",
+                          "{q_proj: 2}", "--lora.dropout", "0", "--train.precision", "bf16", "--train.steps", "12",
+                          "--model.quantize", quantize)
+    report = train(cfg, log=lambda _: None)
+    assert report["tuned"]["loss"] < report["base"]["loss"]
+    tensors = load_file(tmp_path / "dora" / "adapter" / "adapter_model.safetensors")
+    magnitudes = [k for k in tensors if k.endswith(".lora_magnitude_vector")]
+    assert magnitudes and len(magnitudes) == len([k for k in tensors if k.endswith("lora_A.weight")])
+    assert tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].shape[0] == 2
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.randint(3, 40, (2, 9), generator=torch.Generator().manual_seed(0))
+    theirs = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model), tmp_path / "dora" / "adapter")
+    ours = lorafit.load_adapter(AutoModelForCausalLM.from_pretrained(model), tmp_path / "dora" / "adapter")
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, rtol=1e-5, atol=1e-5)

@@ -6,6 +6,7 @@ variants through `variants.register`; it names no format, no method and no machi
 
 from .adapter_io import AdapterFileError, adapter_state, load_adapter, read_adapter, save_adapter
 from .config import ConfigError, LoraConfig
+from .dora import WeightDecomposed
 from .lora import LoraEmbedding, LoraLayer, LoraLinear, LowRank, LowRankEmbedding
 from .merge import merge, merged_weight, unload, unmerge
 from .mixed import per_row
@@ -26,7 +27,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdapterFileError", "ConfigError", "LoraConfig", "LoraEmbedding", "LoraLayer", "LoraLinear", "LowRank",
-    "LowRankEmbedding", "TargetError", "adapter_names", "adapter_state", "delete_adapter", "disabled",
-    "find_targets", "inject", "load_adapter", "lora_layers", "merge", "merged_weight", "per_row", "read_adapter",
-    "save_adapter", "set_adapter", "trainable_parameters", "trainable_report", "unload", "unmerge",
+    "LowRankEmbedding", "WeightDecomposed", "TargetError", "adapter_names", "adapter_state", "delete_adapter",
+    "disabled", "find_targets", "inject", "load_adapter", "lora_layers", "merge", "merged_weight", "per_row",
+    "read_adapter", "save_adapter", "set_adapter", "trainable_parameters", "trainable_report", "unload", "unmerge",
 ]  # fmt: skip

@@ -22,13 +22,15 @@ from .config import ConfigError, LoraConfig
 from .folders import publish_tensors, read_folder
 from .lora import LoraEmbedding, LoraLayer, LowRankEmbedding
 from .surgery import TargetError, find_targets, inject, lora_layers, module_kind, modules_to_save, name_matches
+from .variants import variant
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 LABELS_FILE = "labels.json"  # lorafit's own: a classifier head's class names, in order (PEFT ignores it)
 LORAFIT_FILE = "lorafit.json"  # lorafit's own record of the run, e.g. {"base_preset": ...} (PEFT ignores it)
 PREFIX = "base_model.model."
-LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_embedding_A", ".lora_embedding_B")
+LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_embedding_A", ".lora_embedding_B",
+                 ".lora_magnitude_vector")  # the last: DoRA's magnitudes
 
 
 class AdapterFileError(ValueError):
@@ -42,13 +44,7 @@ def adapter_state(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     for path, layer in lora_layers(model):
         if name not in layer.lora:
             continue
-        update = layer.lora[name]
-        if isinstance(update, LowRankEmbedding):
-            state[f"{path}.lora_embedding_A"] = update.lora_embedding_A
-            state[f"{path}.lora_embedding_B"] = update.lora_embedding_B
-        else:
-            state[f"{path}.lora_A.weight"] = update.lora_A
-            state[f"{path}.lora_B.weight"] = update.lora_B
+        state.update({path + suffix: t for suffix, t in layer.lora[name].peft_tensors().items()})
     wrapped = {path: name in layer.lora for path, layer in lora_layers(model)}  # LoRA layer -> has this adapter
     for key, param in model.named_parameters():
         owner = key.removesuffix(".bias")
@@ -123,18 +119,22 @@ def read_adapter(path: str | os.PathLike) -> tuple[LoraConfig, dict[str, torch.T
     return cfg, tensors
 
 
-def _expected_shapes(module: nn.Module, r: int) -> dict[str, tuple[int, ...]]:
-    """The adapter tensor shapes a target module needs, keyed by PEFT's suffix."""
-    if isinstance(module, LoraEmbedding) or module_kind(module) == "embedding":
-        vocab, dim = module.weight.shape
-        return {".lora_embedding_A": (r, vocab), ".lora_embedding_B": (dim, r)}
-    if isinstance(module, LoraLayer):
-        fan_in, fan_out = module.in_features, module.out_features
-    elif module_kind(module) == "conv1d":
-        fan_in, fan_out = module.weight.shape
-    else:
-        fan_out, fan_in = module.weight.shape
-    return {".lora_A.weight": (r, fan_in), ".lora_B.weight": (fan_out, r)}
+def _expected_shapes(module: nn.Module, r: int, kind: str) -> dict[str, tuple[int, ...]]:
+    """The adapter tensor shapes a target module needs for an update of variant `kind`, keyed by PEFT's suffix
+    (read off an update built on the meta device: no memory, and each variant says what its files hold)."""
+    with torch.device("meta"):
+        if isinstance(module, LoraEmbedding) or module_kind(module) == "embedding":
+            vocab, dim = module.weight.shape
+            update = LowRankEmbedding(vocab, dim, r, 1.0, "kaiming")
+        else:
+            if isinstance(module, LoraLayer):
+                fan_in, fan_out = module.in_features, module.out_features
+            elif module_kind(module) == "conv1d":
+                fan_in, fan_out = module.weight.shape
+            else:
+                fan_out, fan_in = module.weight.shape
+            update = variant(kind)(fan_in, fan_out, r, 1.0, 0.0, "kaiming")
+    return {suffix: tuple(t.shape) for suffix, t in update.peft_tensors().items()}
 
 
 def _check_fits(model: nn.Module, cfg: LoraConfig, tensors: dict, source: Path) -> list[str]:
@@ -146,7 +146,7 @@ def _check_fits(model: nn.Module, cfg: LoraConfig, tensors: dict, source: Path) 
         raise AdapterFileError(f"{source / CONFIG_FILE}: {err}") from None
     expected = {}
     for target in targets:
-        for suffix, shape in _expected_shapes(model.get_submodule(target), cfg.r).items():
+        for suffix, shape in _expected_shapes(model.get_submodule(target), cfg.rank_of(target), cfg.variant).items():
             expected[target + suffix] = shape
     for key, shape in expected.items():
         if key not in tensors:
@@ -186,8 +186,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     for path_, layer in lora_layers(model):
         if name not in layer.lora:
             continue
-        for pname, param in layer.lora[name].named_parameters():
-            suffix = f".{pname}" if pname.startswith("lora_embedding") else f".{pname}.weight"
+        for suffix, param in layer.lora[name].peft_tensors().items():
             param.copy_(tensors[path_ + suffix])
     params = dict(model.named_parameters())
     for key, tensor in tensors.items():

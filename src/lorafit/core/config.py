@@ -17,6 +17,9 @@ INITS = ("kaiming", "gaussian")
 _PEFT_TO_LORAFIT = {
     "r": "r",
     "lora_alpha": "alpha",
+    "rank_pattern": "rank_pattern",
+    "alpha_pattern": "alpha_pattern",
+    "use_dora": "use_dora",
     "lora_dropout": "dropout",
     "target_modules": "targets",
     "use_rslora": "rslora",
@@ -30,17 +33,26 @@ _PEFT_TO_LORAFIT = {
 # Keys PEFT writes that carry no information for a plain LoRA adapter (or that lorafit derives itself).
 _PEFT_NEUTRAL = {
     "peft_type", "peft_version", "fan_in_fan_out", "inference_mode", "revision", "auto_mapping",
-    "layers_pattern", "rank_pattern", "alpha_pattern", "megatron_config", "megatron_core", "loftq_config",
-    "use_dora", "layer_replication", "lora_bias", "exclude_modules", "target_parameters", "eva_config",
+    "layers_pattern", "megatron_config", "megatron_core", "loftq_config", "layer_replication", "lora_bias",
+    "exclude_modules", "target_parameters", "eva_config",
     "corda_config", "trainable_token_indices", "use_qalora", "qalora_group_size", "alora_invocation_tokens",
     "arrow_config", "ensure_weight_tying", "kasa_config", "lora_ga_config", "monteclora_config", "use_bdlora",
     "velora_config",
 }  # fmt: skip
 # Keys whose non-default value changes the maths: lorafit refuses them rather than load the wrong model.
 _PEFT_UNSUPPORTED_IF_SET = {
-    "use_dora": False, "rank_pattern": {}, "alpha_pattern": {}, "layer_replication": None, "lora_bias": False,
-    "exclude_modules": None, "target_parameters": None, "trainable_token_indices": None, "use_qalora": False,
+    "layer_replication": None, "lora_bias": False, "exclude_modules": None, "target_parameters": None,
+    "trainable_token_indices": None, "use_qalora": False,
 }  # fmt: skip
+
+
+def _pattern_key(pattern: dict, module: str) -> str | None:
+    """PEFT's rule for rank_pattern / alpha_pattern: the first key that matches the end of the module name,
+    at a dot boundary (`q_proj` matches `model.layers.0.self_attn.q_proj`; a key may be a regex)."""
+    for key in pattern:
+        if re.match(rf"(.*\.)?({key})$", module):
+            return key
+    return None
 
 
 class ConfigError(ValueError):
@@ -71,7 +83,10 @@ class LoraConfig:
     layers: list[int] | None = None  # only adapt modules inside these block indices (None: all blocks)
     base_model: str | None = None  # name or path of the base model, written to adapter_config.json
     task_type: str | None = None  # PEFT's name for the model head: "CAUSAL_LM", "SEQ_CLS" (None: unrecorded)
-    variant: str = "lora"  # the kind of update (lorafit.core.variants): "lora" is plain ΔW = BA
+    variant: str = "lora"  # the kind of update (lorafit.core.variants): "lora" is plain ΔW = BA, "dora" is DoRA
+    use_dora: bool = False  # PEFT's switch for DoRA (Liu et al. 2024): the same as variant "dora"
+    rank_pattern: dict[str, int] = field(default_factory=dict)  # module-name pattern -> its own r (PEFT's rule)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)  # module-name pattern -> its own alpha
 
     def __post_init__(self) -> None:
         if isinstance(self.targets, tuple):
@@ -98,10 +113,45 @@ class LoraConfig:
             raise ConfigError(f"variant must be one of {', '.join(sorted(VARIANTS))}, got {self.variant!r}")
         if self.layers is not None and not all(isinstance(i, int) and i >= 0 for i in self.layers):
             raise ConfigError(f"layers must be a list of block indices >= 0, got {self.layers!r}")
+        self._check_patterns()
+        if self.use_dora and self.variant not in ("lora", "dora"):
+            raise ConfigError(f"use_dora is DoRA; it cannot be combined with variant {self.variant!r}")
+        if self.use_dora or self.variant == "dora":
+            self.use_dora, self.variant = True, "dora"
+
+    def _check_patterns(self) -> None:
+        """rank_pattern / alpha_pattern: {regex over module names: a positive rank / alpha}."""
+        for field_name, check, meaning in (
+                ("rank_pattern", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+                 "a positive integer"),
+                ("alpha_pattern", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+                 and 0 < v <= MAX_ALPHA, f"a finite number in (0, {MAX_ALPHA:g}]")):
+            pattern = getattr(self, field_name)
+            if not isinstance(pattern, dict):
+                raise ConfigError(f"{field_name} must be a mapping of module-name patterns to values, got {pattern!r}")
+            for key, value in pattern.items():
+                try:
+                    re.compile(rf"(.*\.)?({key})$")
+                except (re.error, TypeError):
+                    raise ConfigError(f"{field_name} key {key!r} is not a valid regular expression") from None
+                if not check(value):
+                    raise ConfigError(f"{field_name}[{key!r}] must be {meaning}, got {value!r}")
+
+    def rank_of(self, module: str) -> int:
+        """r of the module called `module` (its full name): rank_pattern's first matching key, else `r`."""
+        key = _pattern_key(self.rank_pattern, module)
+        return self.r if key is None else self.rank_pattern[key]
+
+    def scale_of(self, module: str) -> float:
+        """The factor on BA for the module called `module`: its alpha over its r (or sqrt(r) with rslora)."""
+        key = _pattern_key(self.alpha_pattern, module)
+        alpha = self.alpha if key is None else self.alpha_pattern[key]
+        r = self.rank_of(module)
+        return alpha / (math.sqrt(r) if self.rslora else r)
 
     @property
     def scale(self) -> float:
-        """The factor applied to BA: alpha / r, or alpha / sqrt(r) with rslora."""
+        """The factor applied to BA where no pattern applies: alpha / r, or alpha / sqrt(r) with rslora."""
         return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
 
     def to_peft(self, fan_in_fan_out: bool = False) -> dict:
@@ -120,9 +170,9 @@ class LoraConfig:
             "layers_to_transform": self.layers,
             "layers_pattern": None,
             "init_lora_weights": "gaussian" if self.init == "gaussian" else True,
-            "use_dora": False,
-            "rank_pattern": {},
-            "alpha_pattern": {},
+            "use_dora": self.use_dora,
+            "rank_pattern": dict(self.rank_pattern),
+            "alpha_pattern": dict(self.alpha_pattern),
             "task_type": self.task_type,
             "inference_mode": True,
             "revision": None,

@@ -56,9 +56,18 @@ class LowRank(nn.Module):
         """The layer's output y (..., out) with this update added: y + B A x * scale."""
         return y + self(x).to(y.dtype)
 
-    def fold(self, weight: torch.Tensor, delta: torch.Tensor, sign: float = 1.0) -> torch.Tensor:
-        """The dense base weight with ΔW (`delta`, in the weight's layout) folded in or, with sign -1, out."""
+    def fold(self, weight: torch.Tensor, delta: torch.Tensor, sign: float = 1.0,
+             transposed: bool = False) -> torch.Tensor:
+        """The dense base weight with ΔW (`delta`, in the weight's layout) folded in or, with sign -1, out.
+        `transposed`: the weight is stored (in, out), as GPT-2's Conv1D stores it."""
         return merged_weight(weight, delta, sign)
+
+    def bind(self, layer: LoraLinear) -> None:
+        """Called once the update sits in `layer`; plain LoRA needs nothing of the base weight."""
+
+    def peft_tensors(self) -> dict[str, torch.Tensor]:
+        """This update's tensors under the suffixes PEFT's files give them (after the module's path)."""
+        return {".lora_A.weight": self.lora_A, ".lora_B.weight": self.lora_B}
 
 
 def merged_weight(weight: torch.Tensor, delta: torch.Tensor, sign: float = 1.0) -> torch.Tensor:
@@ -98,9 +107,14 @@ class LowRankEmbedding(nn.Module):
         """The embedding's output y (..., dim) with this update added."""
         return y + self(ids, layer).to(y.dtype)
 
-    def fold(self, weight: torch.Tensor, delta: torch.Tensor, sign: float = 1.0) -> torch.Tensor:
+    def fold(self, weight: torch.Tensor, delta: torch.Tensor, sign: float = 1.0,
+             transposed: bool = False) -> torch.Tensor:
         """The table with ΔW folded in or, with sign -1, out."""
         return merged_weight(weight, delta, sign)
+
+    def peft_tensors(self) -> dict[str, torch.Tensor]:
+        """This update's tensors under the suffixes PEFT's files give them."""
+        return {".lora_embedding_A": self.lora_embedding_A, ".lora_embedding_B": self.lora_embedding_B}
 
 
 class LoraLayer(nn.Module):
@@ -135,7 +149,8 @@ class LoraLayer(nn.Module):
         """Fold adapter `name`'s update into `weight` (sign 1) or take it out (-1), through its variant."""
         if isinstance(self.weight, PackedWeight):  # a packed base becomes dense here, in the dtype it had
             self.weight = nn.Parameter(self.weight.dequantize(), requires_grad=False)
-        self.weight.copy_(self.lora[name].fold(self.weight, self.delta_weight(name), sign))
+        transposed = getattr(self, "fan_in_fan_out", False)
+        self.weight.copy_(self.lora[name].fold(self.weight, self.delta_weight(name), sign, transposed))
 
     def _adds_update(self) -> bool:
         """True when forward must add the active adapter's branch (not disabled, not already merged)."""
@@ -167,6 +182,7 @@ class LoraLinear(LoraLayer):
         """Attach a new update named `name` of variant `kind` (B zero: the layer's output does not change)."""
         update = variant(kind)(self.in_features, self.out_features, r, scale, dropout, init)
         self.lora[name] = update.to(self.weight.device)
+        update.bind(self)  # a variant that starts from the base weight (DoRA's magnitudes) reads it here
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Exactly the base module's forward (nn.Linear, PackedLinear, or transformers' Conv1D: x @ W + b)."""

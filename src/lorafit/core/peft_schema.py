@@ -16,7 +16,8 @@ BIASES = ("none", "lora_only", "all")
 
 # PEFT's defaults for the keys lorafit reads (peft.LoraConfig), applied to a missing or null key.
 PEFT_DEFAULTS = {"r": 8, "lora_alpha": 8, "lora_dropout": 0.0, "use_rslora": False, "bias": "none",
-                 "init_lora_weights": True, "fan_in_fan_out": False, "inference_mode": False}
+                 "init_lora_weights": True, "fan_in_fan_out": False, "inference_mode": False, "use_dora": False,
+                 "rank_pattern": {}, "alpha_pattern": {}}
 
 
 def _integer(value) -> bool:
@@ -39,6 +40,11 @@ def _names(value) -> bool:
     return isinstance(value, list) and all(isinstance(name, str) and name for name in value)
 
 
+def _pattern(value, check) -> bool:
+    return isinstance(value, dict) and all(isinstance(k, str) and k and _regex(k) and check(v)
+                                           for k, v in value.items())
+
+
 def _text_or_null(value) -> bool:
     return value is None or isinstance(value, str)
 
@@ -52,6 +58,11 @@ FIELDS: dict[str, tuple[Callable[[object], bool], str]] = {
     "target_modules": (lambda v: v is None or (isinstance(v, str) and v != "" and _regex(v)) or (_names(v) and v != []),
                        "a non-empty list of module names, a valid regular expression, or null"),
     "use_rslora": (lambda v: isinstance(v, bool), "true or false"),
+    "use_dora": (lambda v: isinstance(v, bool), "true or false"),
+    "rank_pattern": (lambda v: _pattern(v, lambda r: _integer(r) and r >= 1),
+                     "a mapping of module-name patterns to positive integers"),
+    "alpha_pattern": (lambda v: _pattern(v, lambda a: _number(a) and 0 < a <= MAX_ALPHA),
+                      f"a mapping of module-name patterns to numbers in (0, {MAX_ALPHA:g}]"),
     "bias": (lambda v: isinstance(v, str) and v in BIASES, f"one of {', '.join(BIASES)}"),
     "modules_to_save": (lambda v: v is None or _names(v), "a list of module names or null"),
     "layers_to_transform": (lambda v: v is None or (_integer(v) and v >= 0) or

@@ -116,7 +116,7 @@ def inject(model: nn.Module, cfg: LoraConfig, name: str = "default") -> nn.Modul
     for target in targets:
         module = model.get_submodule(target)
         layer = _wrap(module)
-        layer.add_adapter(name, cfg.r, cfg.scale, cfg.dropout, cfg.init, cfg.variant)
+        layer.add_adapter(name, cfg.rank_of(target), cfg.scale_of(target), cfg.dropout, cfg.init, cfg.variant)
         layer.train(module.training)  # the new modules follow the mode of what they wrap: no dropout in eval()
         replace_module(model, target, layer)
     model.lora_configs = {**configs, name: cfg}

@@ -73,7 +73,7 @@ def read_updates(folder: str | os.PathLike) -> tuple[dict, list[Update]]:
                                        f"{PREFIX + path + b_suffix}")
             layer, module = _split(path)
             updates.append(Update(path, layer, module, tensors[key].double(), tensors[path + b_suffix].double(),
-                                  cfg.scale, embedding or bool(raw.get("fan_in_fan_out", False))))
+                                  cfg.scale_of(path), embedding or bool(raw.get("fan_in_fan_out", False))))
     if not updates:
         raise AdapterFileError(f"{Path(folder) / WEIGHTS_FILE}: no lora_A / lora_B tensors to analyse")
     updates.sort(key=lambda u: (u.module, -1 if u.layer is None else u.layer, u.path))
