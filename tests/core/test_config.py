@@ -40,8 +40,11 @@ def test_peft_field_names_are_peft_names():
 def test_other_peft_types_and_unsupported_options_are_errors():
     with pytest.raises(ConfigError, match="peft_type must be \"LORA\" .*, got 'IA3'"):
         LoraConfig.from_peft({"peft_type": "IA3", "r": 8})
-    with pytest.raises(ConfigError, match="layer_replication"):
-        LoraConfig.from_peft({"peft_type": "LORA", "r": 8, "layer_replication": [[0, 2]]})
+    for key, value in [("layer_replication", [[0, 2]]), ("alora_invocation_tokens", [5, 6]),
+                       ("kasa_config", {}), ("use_bdlora", {"nblocks": 2}), ("lora_bias", True)]:
+        with pytest.raises(ConfigError, match=f"{key}=.* is not supported by lorafit"):
+            LoraConfig.from_peft({"peft_type": "LORA", "r": 8, key: value})
+    LoraConfig.from_peft({"peft_type": "LORA", "r": 8, "kasa_config": None, "use_bdlora": None})  # PEFT's defaults
 
 
 def test_rank_and_alpha_patterns_follow_peft_matching_rule():

@@ -42,6 +42,10 @@ def inspect(adapter: Annotated[Path, typer.Argument(help="adapter folder")]):
 
     cfg, tensors = read_adapter(adapter)
     log(f"r={cfg.r} alpha={cfg.alpha} scale={cfg.scale:g} targets={cfg.targets} base={cfg.base_model}")
+    for label, value in (("variant", cfg.variant if cfg.variant != "lora" else None),
+                         ("rank_pattern", cfg.rank_pattern), ("alpha_pattern", cfg.alpha_pattern)):
+        if value:
+            log(f"{label}: {value}")
     total = sum(t.numel() for t in tensors.values())
     log(f"{len(tensors)} tensors, {total:,} parameters, {sum(t.numel() * t.element_size() for t in tensors.values()):,}"
         " bytes")

@@ -105,8 +105,8 @@ def evaluate(ctx: typer.Context,
 @app.command(context_settings=EXTRA)
 def sweep(ctx: typer.Context,
           config: Annotated[Path, typer.Argument(help="YAML training config every cell starts from")],
-          grid: Annotated[list[str] | None, typer.Option(help="rank, targets, budget, methods, quantize (repeatable)")]
-          = None,
+          grid: Annotated[list[str] | None, typer.Option(
+              help="rank, targets, budget, methods, quantize, variants (repeatable)")] = None,
           family: Annotated[str, typer.Option(help="module names for q/k/v/o: llama (q_proj...) or bert (query...)")]
           = "llama",
           only: Annotated[str | None, typer.Option(help="comma-separated cell names: run just these")] = None,

@@ -34,15 +34,14 @@ _PEFT_TO_LORAFIT = {
 _PEFT_NEUTRAL = {
     "peft_type", "peft_version", "fan_in_fan_out", "inference_mode", "revision", "auto_mapping",
     "layers_pattern", "megatron_config", "megatron_core", "loftq_config", "layer_replication", "lora_bias",
-    "exclude_modules", "target_parameters", "eva_config",
-    "corda_config", "trainable_token_indices", "use_qalora", "qalora_group_size", "alora_invocation_tokens",
-    "arrow_config", "ensure_weight_tying", "kasa_config", "lora_ga_config", "monteclora_config", "use_bdlora",
-    "velora_config",
+    "exclude_modules", "target_parameters", "eva_config", "corda_config", "trainable_token_indices", "use_qalora",
+    "qalora_group_size", "lora_ga_config", "ensure_weight_tying", "velora_config",
 }  # fmt: skip
 # Keys whose non-default value changes the maths: lorafit refuses them rather than load the wrong model.
 _PEFT_UNSUPPORTED_IF_SET = {
     "layer_replication": None, "lora_bias": False, "exclude_modules": None, "target_parameters": None,
-    "trainable_token_indices": None, "use_qalora": False,
+    "trainable_token_indices": None, "use_qalora": False, "alora_invocation_tokens": None, "arrow_config": None,
+    "kasa_config": None, "monteclora_config": None, "use_bdlora": None,
 }  # fmt: skip
 
 
@@ -188,8 +187,9 @@ class LoraConfig:
         for key, default in _PEFT_UNSUPPORTED_IF_SET.items():
             value = data.get(key)
             if value is not None and (type(value) is not type(default) or value != default):
-                raise ConfigError(f"{source}: {key}={value!r} is not supported by lorafit (plain LoRA only: "
-                                  f"{key} must be {json.dumps(default)} or absent)")
+                raise ConfigError(f"{source}: {key}={value!r} is not supported by lorafit: it changes the model in "
+                                  f"a way lorafit does not implement ({key} must be {json.dumps(default)} or absent; "
+                                  "see docs/peft.md)")
         unknown = sorted(set(data) - set(_PEFT_TO_LORAFIT) - _PEFT_NEUTRAL)
         if unknown:
             warnings.warn(f"{source}: ignoring config keys lorafit does not know: {', '.join(unknown)}", stacklevel=2)

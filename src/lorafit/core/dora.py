@@ -35,13 +35,16 @@ class WeightDecomposed(LowRank):
         super().__init__(in_features, out_features, r, scale, dropout, init)
         self.lora_magnitude_vector = nn.Parameter(torch.ones(out_features))
         self._merged_norm: torch.Tensor | None = None  # ||W0 + ΔW|| per row while merged: unmerge divides by it
-        self._base_sq: tuple[int, torch.Tensor] | None = None  # (id of a packed weight, its ||W0||² per row)
+        # ||W0||² per row of a packed base, computed once in `bind` (a packed weight never changes); not saved
+        self.register_buffer("base_sq", None, persistent=False)
 
     def bind(self, layer: LoraLinear) -> None:
         """m starts as the row norms of the weight the layer adds to: W' = W0 at first (PEFT does the same)."""
         with torch.no_grad():
             w = _dense(layer).to(self.lora_A.dtype)  # (out, in)
             self.lora_magnitude_vector.copy_(torch.linalg.norm(w + self.delta_weight(), dim=1))
+            if isinstance(layer.weight, PackedWeight):
+                self.base_sq = w.square().sum(dim=1)  # (out,)
 
     def row_norm(self, layer: LoraLinear) -> torch.Tensor:
         """||W0 + s B A|| per output row (out,), without gradient."""
@@ -53,14 +56,9 @@ class WeightDecomposed(LowRank):
             aw = layer.weight.linear(a, None).to(a.dtype)  # (r, out) = A W0^T, one product on r rows
             cross = (b * aw.T).sum(dim=1)  # (out,) <W0_o, (B A)_o>
             ba_sq = ((b @ (a @ a.T)) * b).sum(dim=1)  # (out,) ||(B A)_o||²
-            return (self._packed_sq(layer.weight) + 2 * s * cross + s * s * ba_sq).clamp_min(0).sqrt()
-
-    def _packed_sq(self, weight: PackedWeight) -> torch.Tensor:
-        """||W0||² per row of a packed weight, dequantized once and kept (a packed weight never changes)."""
-        if self._base_sq is None or self._base_sq[0] != id(weight):
-            dense = weight.dequantize(self.lora_A.dtype)  # (out, in)
-            self._base_sq = (id(weight), dense.square().sum(dim=1))
-        return self._base_sq[1]
+            if self.base_sq is None:  # the base was packed after this update was bound to it
+                self.base_sq = layer.weight.dequantize(a.dtype).square().sum(dim=1)
+            return (self.base_sq + 2 * s * cross + s * s * ba_sq).clamp_min(0).sqrt()
 
     def add_to(self, y: torch.Tensor, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
         """y' = y + (f - 1) * (W0 x) + f * s B A x, with f = m / ||W0 + s B A|| (see the module doc)."""

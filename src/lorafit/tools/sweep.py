@@ -8,6 +8,7 @@ Grids (Hu et al. 2021 sections 7.1-7.2 and the talks' method comparison):
     quantize LoRA on the base as loaded in fp32 and bf16, and quantized: nf4, int8, the GGUF file's own blocks,
              and nf4 / gguf with gradient checkpointing (QLoRA's memory, Dettmers et al. 2023), with the
              embedding table quantized too (-emb)
+    variants LoRA beside DoRA (Liu et al. 2024), each on the base as loaded and on an NF4 base (QLoRA, QDoRA)
 
 Every cell is `lorafit train` in its own process (so each cell's peak memory is its own) writing to
 out/cells/<cell>/. A cell whose results.json exists is not run again: an interrupted sweep resumes where it
@@ -26,7 +27,7 @@ from pathlib import Path
 from ..core.files import atomic_write, write_json, write_text
 from ..methods import names
 
-GRIDS = ("rank", "targets", "budget", "methods", "quantize")
+GRIDS = ("rank", "targets", "budget", "methods", "quantize", "variants")
 RANKS = (1, 2, 4, 8, 64)
 TARGET_SETS = ("q", "k", "v", "o", "qk", "qv", "qkvo")
 BUDGET = (("q", 8), ("k", 8), ("v", 8), ("o", 8), ("qk", 4), ("qv", 4), ("qkvo", 2))
@@ -41,6 +42,10 @@ QUANTIZE_CELLS = {
     "nf4-emb-ckpt": ["--model.quantize", "nf4", "--model.quantize_embeddings", "true", "--train.checkpointing", "true"],
     "gguf-emb-ckpt": ["--model.quantize", "gguf", "--model.quantize_embeddings", "true",
                       "--train.checkpointing", "true"],
+}
+VARIANT_CELLS = {
+    "lora": [], "dora": ["--lora.use_dora", "true"],
+    "qlora-nf4": ["--model.quantize", "nf4"], "qdora-nf4": ["--model.quantize", "nf4", "--lora.use_dora", "true"],
 }
 METHOD_LR = {"full": 5e-5, "freeze": 1e-4, "prefix": 1e-2, "prompt": 3e-2, "mezo": 1e-4}
 # The attention projections by their short names, per naming family (Llama-style decoders, BERT encoders).
@@ -66,6 +71,8 @@ def cells(grid: str, family: str = "llama") -> dict[str, list[str]]:
         return {m: ["--method", m, *(["--train.lr", str(METHOD_LR[m])] if m in METHOD_LR else [])] for m in names()}
     if grid == "quantize":
         return dict(QUANTIZE_CELLS)
+    if grid == "variants":
+        return dict(VARIANT_CELLS)
     raise ValueError(f"unknown grid {grid!r}; choose from {', '.join(GRIDS)}")
 
 
