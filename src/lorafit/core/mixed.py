@@ -167,7 +167,7 @@ def _check_mixable(model: nn.Module, name: str) -> None:
                              "layers mix per row")
         if type(module.lora[name]) is not LowRank:
             raise ValueError(f"adapter {name!r} on {path} is a {type(module.lora[name]).__name__}; only plain "
-                             "LoRA mixes per row")
+                             "LoRA mixes per row (merge it with `lorafit merge` and serve the merged model)")
         if module.merged is not None:
             raise ValueError(f"adapter {module.merged!r} is merged into {path}; call lorafit.unmerge first")
     if not found:

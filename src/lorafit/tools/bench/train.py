@@ -14,7 +14,9 @@ Setups (the peer's rows are the ones it documents as its best and its default):
 and on request (--setups): lorafit-compile, the fast path with every block compiled (train.compile; the compile
 falls in the untimed warm-up steps); lorafit-fast-ckpt, the fast path with gradient checkpointing; lorafit-nf4,
 the fast path on a base whose block weights are NF4 (QLoRA); lorafit-gguf, the fast path on the GGUF file's own
-blocks (needs --model to be a .gguf file or a GGUF preset).
+blocks (needs --model to be a .gguf file or a GGUF preset); lorafit-dora and lorafit-qdora-nf4, the fast path
+with DoRA (Liu et al. 2024) on the bf16 and on the NF4 base, beside peft-dora-best, PEFT's DoRA set up as
+peft-best.
 
 `--device cuda` runs every setup on the GPU instead (CUDA autocast for the bf16 rows; each step's time waits for
 the GPU to finish, and rows add the GPU's peak of allocated memory). The CPU is the default: the speed goals
@@ -48,7 +50,8 @@ from ...training.runtime import prepare, resolve_device
 from .common import EXAMPLE_DATA, bench_inputs, forward_flops, machine, markdown, median
 
 SETUPS = ("lorafit-fast", "lorafit-fp32", "peft-best", "peft-fp32", "full-fp32")
-EXTRA_SETUPS = ("lorafit-compile", "lorafit-fast-ckpt", "lorafit-nf4", "lorafit-gguf")  # on request
+EXTRA_SETUPS = ("lorafit-compile", "lorafit-fast-ckpt", "lorafit-nf4", "lorafit-gguf", "lorafit-dora",
+                "lorafit-qdora-nf4", "peft-dora-best")  # on request
 
 
 @dataclass
@@ -190,16 +193,17 @@ def build_step(name: str, cfg: TrainBench, folder: str):
         model = load_model(cfg.model, dtype=torch.bfloat16, quantize="gguf")[0]
     else:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16 if bf16 else torch.float32)
-    if name == "lorafit-nf4":
+    if name in ("lorafit-nf4", "lorafit-qdora-nf4"):
         quantize_model(model, "nf4")
     model.to(cfg.device)
     if name.startswith("lorafit"):
         return _lorafit_step(model, cfg, "bf16" if bf16 else "fp32", checkpointing=name.endswith("-ckpt"),
-                             compile_blocks=name == "lorafit-compile")
+                             compile_blocks=name == "lorafit-compile", dora="dora" in name)
     if name.startswith("peft"):
         import peft  # a test-time dependency (the peer), imported only for its setups
 
-        lora = peft.LoraConfig(r=cfg.r, lora_alpha=2 * cfg.r, target_modules=cfg.targets, task_type="CAUSAL_LM")
+        lora = peft.LoraConfig(r=cfg.r, lora_alpha=2 * cfg.r, target_modules=cfg.targets, task_type="CAUSAL_LM",
+                               use_dora="dora" in name)
         model = peft.get_peft_model(model, lora)  # adapter weights in fp32 (PEFT's autocast_adapter_dtype)
     else:
         model.requires_grad_(True)
@@ -221,8 +225,9 @@ def build_step(name: str, cfg: TrainBench, folder: str):
     return step
 
 
-def _lorafit_step(model, cfg: TrainBench, precision: str, checkpointing: bool, compile_blocks: bool = False):
-    inject(model, LoraConfig(r=cfg.r, alpha=2 * cfg.r, targets=list(cfg.targets)))
+def _lorafit_step(model, cfg: TrainBench, precision: str, checkpointing: bool, compile_blocks: bool = False,
+                  dora: bool = False):
+    inject(model, LoraConfig(r=cfg.r, alpha=2 * cfg.r, targets=list(cfg.targets), use_dora=dora))
     halved = prepare(model, precision, checkpointing, compile_blocks, rows=cfg.batch_size * cfg.seq_len)
     if halved:  # the worker's log (stderr) says which frozen products run in halves of rows
         print(f"frozen products in halves of rows: {describe(halved)}", file=sys.stderr)
@@ -249,7 +254,8 @@ def _on_gpu(device: str) -> bool:
 
 def _bf16(name: str) -> bool:
     """Whether the setup runs the bf16 path (and is measured against the bf16 matmul peak)."""
-    return name.startswith(("lorafit-fast", "lorafit-compile", "peft-best", "lorafit-nf4", "lorafit-gguf"))
+    return name.startswith(("lorafit-fast", "lorafit-compile", "peft-best", "lorafit-nf4", "lorafit-gguf",
+                            "lorafit-dora", "lorafit-qdora", "peft-dora-best"))
 
 
 def worker(name: str, cfg_json: str, folder: str, batches_path: str) -> None:
