@@ -3,13 +3,18 @@
 import json
 
 import pytest
+import torch
 
+import lorafit
+from lorafit.core.combine import CombineSpec, combine, read_input
 from tests.conftest import (
     REPO,
+    randomize_lora,
     run_cli,
     saved_tiny_model,
     tiny_classifier_adapter,
     tiny_generator_adapter,
+    tiny_llama,
     tiny_run_yaml,
     tiny_tokenizer,
 )
@@ -233,3 +238,26 @@ def test_the_command_silences_the_missing_kernel_warning_of_bitsandbytes():
         assert logger.level == logging.ERROR
     finally:
         logger.setLevel(level)
+
+
+def test_combine_writes_an_adapter_that_load_adapter_takes(tmp_path, ids):
+    for name, seed, r in (("a", 1, 4), ("b", 2, 2)):
+        model = lorafit.inject(tiny_llama(), lorafit.LoraConfig(r=r, targets=["q_proj", "v_proj"]))
+        randomize_lora(model, seed)
+        lorafit.save_adapter(model, tmp_path / name)
+    done = run_cli("combine", str(tmp_path / "a"), str(tmp_path / "b"), "--weights", "-0.4,1.3", "--method", "svd",
+                   "--out", str(tmp_path / "ab"))
+    assert done.returncode == 0 and "2 adapters combined (svd): r=4, 4 modules" in done.stderr, done.stderr
+    net = lorafit.load_adapter(tiny_llama(), tmp_path / "ab")
+    _, tensors = combine([read_input(tmp_path / n) for n in "ab"], [-0.4, 1.3], CombineSpec("svd"))
+    want = lorafit.inject(tiny_llama(), lorafit.LoraConfig(r=4, alpha=4, targets=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for path, layer in lorafit.lora_layers(want):
+            layer.lora["default"].lora_A.copy_(tensors[f"{path}.lora_A.weight"])
+            layer.lora["default"].lora_B.copy_(tensors[f"{path}.lora_B.weight"])
+        assert (net(ids).logits - want(ids).logits).abs().max().item() <= 1e-6
+    for args, message in ((["--weights", "0.7", "0.3"], "error: 0.3: no such adapter folder; weights go in one "
+                           "option, comma-separated: --weights 0.7,0.3"),
+                          (["--method", "ties"], "error: method ties needs a density")):
+        done = run_cli("combine", str(tmp_path / "a"), "--out", str(tmp_path / "x"), *args)
+        assert done.returncode == 2 and done.stderr.startswith(message) and len(done.stderr.splitlines()) == 1

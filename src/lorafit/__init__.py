@@ -7,10 +7,13 @@
     lorafit.merge(model); lorafit.unmerge(model)
     with lorafit.disabled(model): ...
     with lorafit.per_row(model, ["sql", None]): ...   # row i through adapter i (None: the base)
+    lorafit.combine_adapters(["a", "b"], "ab", [0.7, 0.3], lorafit.CombineSpec("cat"))  # no model needed
 """
 
 from .core import (
     AdapterFileError,
+    CombineError,
+    CombineSpec,
     ConfigError,
     LoraConfig,
     LoraEmbedding,
@@ -23,6 +26,7 @@ from .core import (
     __version__,
     adapter_names,
     adapter_state,
+    combine_adapters,
     delete_adapter,
     disabled,
     find_targets,
@@ -41,8 +45,9 @@ from .core import (
 )
 
 __all__ = [
-    "__version__", "AdapterFileError", "ConfigError", "LoraConfig", "LoraEmbedding", "LoraLayer", "LoraLinear",
-    "LowRank", "LowRankEmbedding", "TargetError", "WeightDecomposed", "adapter_names", "adapter_state",
-    "delete_adapter", "disabled", "find_targets", "inject", "load_adapter", "lora_layers", "merge", "merged_weight",
-    "per_row", "read_adapter", "save_adapter", "set_adapter", "trainable_report", "unload", "unmerge",
+    "__version__", "AdapterFileError", "CombineError", "CombineSpec", "ConfigError", "LoraConfig", "LoraEmbedding",
+    "LoraLayer", "LoraLinear", "LowRank", "LowRankEmbedding", "TargetError", "WeightDecomposed", "adapter_names",
+    "adapter_state", "combine_adapters", "delete_adapter", "disabled", "find_targets", "inject", "load_adapter",
+    "lora_layers", "merge", "merged_weight", "per_row", "read_adapter", "save_adapter", "set_adapter",
+    "trainable_report", "unload", "unmerge",
 ]  # fmt: skip

@@ -1,6 +1,6 @@
 """The `lorafit` command. Each subcommand parses its options and calls one library function.
 
-The commands live in run.py (train, eval, sweep, reproduce), use.py (generate, chat, predict, merge), serve.py
+The commands live in run.py (train, eval, sweep, reproduce), use.py (generate, chat, predict, merge, combine), serve.py
 (serve) and info.py (fetch, models, inspect, config, plan, analyze, bench); `main` is the entry point and its
 error contract.
 """

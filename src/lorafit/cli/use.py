@@ -1,4 +1,4 @@
-"""Commands that use adapters: `generate`, `chat`, `predict`, `merge`."""
+"""Commands that use adapters: `generate`, `chat`, `predict`, `merge`, `combine`."""
 
 from __future__ import annotations
 
@@ -134,3 +134,46 @@ def merge(adapter: Annotated[Path, typer.Option(help="adapter folder")],
     path = save_merged(net, tokenizer, out, overwrite=overwrite)
     dequantized = f" (the {quantize} base weights dequantized, plus the adapter)" if quantize != "none" else ""
     log(f"merged model written to {path}{dequantized}")
+
+@app.command()
+def combine(adapters: Annotated[list[Path], typer.Argument(help="adapter folders to combine")],
+            out: Annotated[Path, typer.Option(help="folder for the combined adapter")],
+            weights: Annotated[list[str] | None, typer.Option(help="one weight per adapter, comma-separated "
+                                                              "(0.7,0.3; negative subtracts); default 1 each")]
+            = None,
+            method: Annotated[str, typer.Option(help="linear, cat, svd, ties or dare_linear (PEFT's "
+                                                "add_weighted_adapter combination types)")] = "linear",
+            density: Annotated[float | None, typer.Option(help="ties, dare_linear: fraction of entries kept")] = None,
+            majority_sign: Annotated[str, typer.Option(help="ties: total or frequency")] = "total",
+            rank: Annotated[int | None, typer.Option(help="svd: rank of the result (default: the largest input's)")]
+            = None,
+            svd_clamp: Annotated[float | None, typer.Option(help="svd: clamp the factors to this quantile")] = None,
+            seed: Annotated[int, typer.Option(help="dare_linear: seed of the random drop masks")] = 0):
+    """Combine LoRA adapters into one adapter folder, weighted (as PEFT's add_weighted_adapter), without the base
+    model: e.g. `lorafit combine a b --weights 0.7,0.3 --method cat --out ab`."""
+    from ..core.combine import CombineError, CombineSpec, combine_adapters
+
+    for path in adapters:
+        if not path.exists() and _number(str(path)):
+            raise CombineError(f"{path}: no such adapter folder; weights go in one option, comma-separated: "
+                               "--weights 0.7,0.3")
+    parsed = None
+    if weights:
+        parts = [w for option in weights for w in option.split(",") if w.strip()]
+        if not all(_number(w) for w in parts):
+            raise CombineError(f"--weights must be numbers, comma-separated (e.g. 0.7,0.3), got {','.join(weights)}")
+        parsed = [float(w) for w in parts]
+    spec = CombineSpec(method=method, density=density, majority_sign=majority_sign, rank=rank, svd_clamp=svd_clamp,
+                       seed=seed)
+    done = combine_adapters(adapters, out, parsed, spec)
+    plural = "s" if len(adapters) > 1 else ""
+    log(f"{len(adapters)} adapter{plural} combined ({done['method']}): r={done['r']}, {done['modules']} modules, "
+        f"{done['file_bytes']:,} bytes, written to {done['path']}")
+
+
+def _number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True

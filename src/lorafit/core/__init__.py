@@ -5,6 +5,7 @@ variants through `variants.register`; it names no format, no method and no machi
 """
 
 from .adapter_io import AdapterFileError, adapter_state, load_adapter, read_adapter, save_adapter
+from .combine import CombineError, CombineSpec, combine_adapters
 from .config import ConfigError, LoraConfig
 from .dora import WeightDecomposed
 from .lora import LoraEmbedding, LoraLayer, LoraLinear, LowRank, LowRankEmbedding
@@ -26,8 +27,9 @@ from .surgery import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdapterFileError", "ConfigError", "LoraConfig", "LoraEmbedding", "LoraLayer", "LoraLinear", "LowRank",
-    "LowRankEmbedding", "WeightDecomposed", "TargetError", "adapter_names", "adapter_state", "delete_adapter",
-    "disabled", "find_targets", "inject", "load_adapter", "lora_layers", "merge", "merged_weight", "per_row",
-    "read_adapter", "save_adapter", "set_adapter", "trainable_parameters", "trainable_report", "unload", "unmerge",
+    "AdapterFileError", "CombineError", "CombineSpec", "ConfigError", "LoraConfig", "LoraEmbedding", "LoraLayer",
+    "LoraLinear", "LowRank", "LowRankEmbedding", "TargetError", "WeightDecomposed", "adapter_names",
+    "adapter_state", "combine_adapters", "delete_adapter", "disabled", "find_targets", "inject", "load_adapter",
+    "lora_layers", "merge", "merged_weight", "per_row", "read_adapter", "save_adapter", "set_adapter",
+    "trainable_parameters", "trainable_report", "unload", "unmerge",
 ]  # fmt: skip
