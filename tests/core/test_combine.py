@@ -28,6 +28,10 @@ SAME_RANK = [("a", dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
 MIXED_RANKS = [("a", dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])),
                ("b", dict(r=2, lora_alpha=16, target_modules=["v_proj", "o_proj"])),
                ("x", dict(r=3, lora_alpha=6, target_modules=["q_proj", "k_proj"], use_rslora=True))]
+PATTERNS = [("a", dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], rank_pattern={"v_proj": 2},
+                       alpha_pattern={"q_proj": 32})),
+            ("b", dict(r=3, lora_alpha=6, target_modules=["v_proj", "o_proj"],
+                       rank_pattern={r"layers\.1\.self_attn\.o_proj": 5}))]
 CASES = [  # (PEFT's combination_type and keywords, lorafit's spec, adapters)
     ("linear", {}, CombineSpec("linear"), SAME_RANK),
     ("ties", dict(density=0.5), CombineSpec("ties", density=0.5), SAME_RANK),
@@ -37,6 +41,8 @@ CASES = [  # (PEFT's combination_type and keywords, lorafit's spec, adapters)
     ("cat", {}, CombineSpec("cat"), MIXED_RANKS),
     ("svd", {}, CombineSpec("svd"), MIXED_RANKS),
     ("svd", dict(svd_rank=6, svd_clamp=0.9), CombineSpec("svd", rank=6, svd_clamp=0.9), MIXED_RANKS),
+    ("cat", {}, CombineSpec("cat"), PATTERNS),  # per-module ranks and alphas
+    ("svd", {}, CombineSpec("svd"), PATTERNS),
 ]
 
 
@@ -77,8 +83,9 @@ def peft_combined(peft, model, names, weights, method, kwargs) -> dict[str, torc
 def test_each_method_equals_peft_add_weighted_adapter(method, kwargs, spec, adapters, tmp_path, ids, peft):
     model = peft_with_adapters(peft, tmp_path / "in", adapters)
     names = [name for name, _ in adapters]
-    theirs = peft_combined(peft, model, names, WEIGHTS, method, kwargs)
-    done = combine_adapters([tmp_path / "in" / n for n in names], tmp_path / "out", WEIGHTS, spec)
+    weights = WEIGHTS[:len(names)]
+    theirs = peft_combined(peft, model, names, weights, method, kwargs)
+    done = combine_adapters([tmp_path / "in" / n for n in names], tmp_path / "out", weights, spec)
     cfg, ours = lorafit.read_adapter(tmp_path / "out")
     assert set(ours) == set(theirs)
     assert max((ours[k] - theirs[k]).abs().max().item() for k in ours) <= 1e-5

@@ -107,7 +107,7 @@ def module_scale(cfg: LoraConfig, path: str) -> float:
 
 def adapter_rank(cfg: LoraConfig) -> int:
     """The largest rank `cfg` gives any module (what PEFT compares and sums)."""
-    return max(cfg.r, *cfg.rank_pattern.values())
+    return max([cfg.r, *cfg.rank_pattern.values()])
 
 
 def split_tensors(source: str, tensors: dict[str, torch.Tensor]) -> tuple[dict[str, Update], dict[str, torch.Tensor]]:
@@ -248,7 +248,7 @@ def _result_config(inputs: list[Adapter], rank: int, paths: list[str]) -> LoraCo
     saved = sorted({m for c in cfgs for m in c.modules_to_save})
     bias = max((c.bias for c in cfgs), key=_BIAS_ORDER.index)
     return dataclasses.replace(cfgs[0], r=rank, alpha=float(rank), rslora=False, targets=targets, layers=layers,
-                               modules_to_save=saved, bias=bias)
+                               modules_to_save=saved, bias=bias, rank_pattern={}, alpha_pattern={})
 
 
 def _carried_tensors(inputs: list[Adapter]) -> dict[str, torch.Tensor]:
