@@ -57,7 +57,9 @@ FIELDS: dict[str, tuple[Callable[[object], bool], str]] = {
     "layers_to_transform": (lambda v: v is None or (_integer(v) and v >= 0) or
                             (isinstance(v, list) and v != [] and all(_integer(i) and i >= 0 for i in v)),
                             "a block index, a non-empty list of block indices, or null"),
-    "init_lora_weights": (lambda v: isinstance(v, bool) or v == "gaussian", "true, false or \"gaussian\""),
+    "init_lora_weights": (lambda v: isinstance(v, bool) or v in ("gaussian", "pissa", "olora") or
+                          (isinstance(v, str) and re.fullmatch(r"pissa_niter_\d+", v) is not None),
+                          'true, false, "gaussian", "pissa", "pissa_niter_N" or "olora"'),
     "base_model_name_or_path": (_text_or_null, "a string or null"),
     "task_type": (_text_or_null, "a string or null"),
     "revision": (_text_or_null, "a string or null"),
