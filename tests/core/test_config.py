@@ -95,3 +95,11 @@ def test_peft_defaults_fill_missing_or_null_keys_and_wrong_types_are_refused_by_
                                ("use_dora", 1, "use_dora must be true or false")]:
         with pytest.raises(ConfigError, match=rf"^a\.json: {re.escape(phrase)}"):
             LoraConfig.from_peft({"target_modules": ["q"], key: value}, source="a.json")
+
+
+def test_peft_inits_that_leave_the_base_load_as_plain_lora_and_those_that_change_it_are_refused():
+    for init in ("eva", "orthogonal", "mica", True, False):
+        assert LoraConfig.from_peft({"r": 4, "init_lora_weights": init}).init == "kaiming"
+    for init in ("corda", "loftq", "lora_ga"):
+        with pytest.raises(ConfigError, match=rf"a\.json: init_lora_weights='{init}': .*path_initial_model"):
+            LoraConfig.from_peft({"r": 4, "init_lora_weights": init}, source="a.json")

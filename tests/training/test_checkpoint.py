@@ -154,3 +154,34 @@ def test_a_full_disk_leaves_the_previous_checkpoint_named_and_nothing_half_writt
     assert caught.value.errno == errno.ENOSPC and isinstance(caught.value, OSError)
     assert sorted(p.name for p in folder.iterdir()) == ["latest.json", "step-000003"]
     torch.testing.assert_close(_weight(resume_point(folder)), before, atol=0, rtol=0)
+
+
+def _pissa_loraplus(seed: int):
+    """A model with a pissa_niter adapter (its residual base comes from a random sketch) and a LoRA+ optimizer."""
+    import lorafit
+    from lorafit.training.optim import make_optimizer
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 6), nn.Tanh(), nn.Linear(6, 4))
+    torch.manual_seed(seed)  # the adapter must not depend on the RNG state at injection
+    lorafit.inject(model, lorafit.LoraConfig(r=2, targets=["0", "2"], bias="all", init="pissa_niter_1"))
+    return model, make_optimizer(model, lr=1e-2, weight_decay=0.1, loraplus_lr_ratio=16.0)
+
+
+def _step(model, optimizer, seed):
+    model(torch.randn(3, 8, generator=torch.Generator().manual_seed(seed))).square().sum().backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def test_a_loraplus_optimizer_and_a_pissa_niter_base_resume_to_the_same_next_step(tmp_path):
+    model, optimizer = _pissa_loraplus(seed=1)
+    _step(model, optimizer, 0)
+    path = save_checkpoint(tmp_path, model, optimizer, {"step": 1, "micro_batches": 1, "seconds": 0.0})
+    resumed, resumed_optimizer = _pissa_loraplus(seed=2)
+    load_checkpoint(path, resumed, resumed_optimizer)
+    assert [g["lr"] for g in resumed_optimizer.param_groups] == [1e-2, 16e-2, 16e-2]
+    for m, opt in ((model, optimizer), (resumed, resumed_optimizer)):
+        _step(m, opt, 1)
+    for (name, a), b in zip(model.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name

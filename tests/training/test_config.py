@@ -53,6 +53,14 @@ def test_compile_takes_true_false_or_auto(tmp_path):
     ("data:\n  train: t.jsonl\nlora:\n  targets: q(\n", [], r"run.yaml: lora.targets: 'q\(' is not a valid regular"),
     ("data: [1, 2\n", [], r"run.yaml: not valid YAML at line 2, column 1: expected ',' or ']'"),
     ("data:\n  train: t.jsonl\nmodel:\n  task: regression\n", [], r"run.yaml: model.task: must be"),
+    ("data:\n  train: t.jsonl\n", ["--lora.init", "pissa_fast"], r"^--lora.init: must be one of .*pissa_niter_N"),
+    ("data:\n  train: t.jsonl\n", ["--lora.init", "olora", "--model.quantize", "nf4"],
+     r"lora.init: olora rewrites .* quantize: none"),
+    ("data:\n  train: t.jsonl\n", ["--train.loraplus_lr_ratio", "0"], r"^--train.loraplus_lr_ratio: must be > 0"),
+    ("data:\n  train: t.jsonl\n", ["--train.loraplus_lr_ratio", "16", "--method", "mezo"],
+     r"loraplus_lr_ratio: .* method mezo has an optimizer of its own"),
+    ("data:\n  train: t.jsonl\n", ["--train.loraplus_lr_ratio", "16", "--method", "full"],
+     r"loraplus_lr_ratio: .* method full trains no LoRA adapter"),
 ])
 def test_bad_configs_name_file_and_key(tmp_path, text, overrides, match):
     with pytest.raises(ConfigError, match=match):

@@ -136,3 +136,27 @@ def test_dora_with_per_module_ranks_trains_on_the_bf16_path_and_peft_reads_the_a
     ours = lorafit.load_adapter(AutoModelForCausalLM.from_pretrained(model), tmp_path / "dora" / "adapter")
     with torch.no_grad():
         torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_a_pissa_loraplus_run_resumes_exactly_and_saves_an_adapter_for_the_original_base(setup):
+    tmp_path, model = setup
+    extra = ("--lora.init", "pissa_niter_2", "--train.loraplus_lr_ratio", "16", "--eval.compare_base", "false")
+    train(tiny_run_config(tmp_path, model, tmp_path / "a", *extra), log=lambda _: None)
+    train(tiny_run_config(tmp_path, model, tmp_path / "b", *extra), log=lambda _: None)
+    (tmp_path / "b" / "checkpoints" / "latest.json").write_text(json.dumps({"checkpoint": "step-000003", "step": 3}))
+    train(tiny_run_config(tmp_path, model, tmp_path / "b", *extra), resume=True, log=lambda _: None)
+    a = load_file(tmp_path / "a" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "b" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+    config = json.loads((tmp_path / "a" / "adapter" / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["init_lora_weights"]) == (16, 32, True)  # r 8 converted
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    import lorafit
+
+    ids = torch.tensor([[1, 3, 4, 5, 6]])
+    by_peft = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model), tmp_path / "a" / "adapter")
+    by_lorafit = lorafit.load_adapter(AutoModelForCausalLM.from_pretrained(model), tmp_path / "a" / "adapter")
+    with torch.no_grad():
+        torch.testing.assert_close(by_lorafit(ids).logits, by_peft(ids).logits, rtol=0, atol=1e-5)

@@ -20,6 +20,7 @@ from torch import nn
 
 from .config import ConfigError, LoraConfig
 from .folders import publish_tensors, read_folder
+from .init import changed_base, converted
 from .lora import LoraEmbedding, LoraLayer, LowRankEmbedding
 from .surgery import TargetError, find_targets, inject, lora_layers, module_kind, modules_to_save, name_matches
 from .variants import variant
@@ -59,13 +60,17 @@ def adapter_state(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = None,
-                 side_files: dict[str, object] | None = None) -> dict:
+                 side_files: dict[str, object] | None = None, convert_init: bool = True) -> dict:
     """Write adapter `name` (default: the active one) to folder `path` in PEFT's format, the folder as a whole.
 
     The folder is built beside `path` and swapped in at once (`files.publish_folder`): a reader sees the previous
     adapter or this one, never one's weights with the other's config. It holds the two PEFT files plus
     `side_files` ({file name: JSON value}, e.g. a classifier's labels.json), which PEFT ignores. Returns
     {"path", "file_bytes", "tensor_bytes"}: the safetensors file is the tensors' bytes plus a small JSON header.
+
+    An adapter initialised from the base weights (init pissa / olora) changed them to a residual; with
+    `convert_init` (the default) it is written as a plain LoRA adapter of rank 2r for the original base, which any
+    PEFT user can load (lorafit.core.init.converted). convert_init=False writes PEFT's unconverted form instead.
     """
     name = name or getattr(model, "lora_active", None)
     if name is None or name not in getattr(model, "lora_configs", {}):
@@ -78,6 +83,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
         peft["base_model_name_or_path"] = getattr(model, "name_or_path", None) or None
     if cfg.targets == "all-linear":  # written out, as PEFT does, so any reader selects the same modules
         peft["target_modules"] = sorted(p for p, _ in layers)
+    initial = {PREFIX + p: layer.lora[name].initial_factors for p, layer in layers if changed_base(layer, name)}
+    if convert_init and initial:
+        state, peft = converted(state, initial, peft)
     return publish_tensors(Path(path), WEIGHTS_FILE, state, {CONFIG_FILE: peft, **(side_files or {})})
 
 

@@ -8,10 +8,11 @@ import re
 import warnings
 from dataclasses import asdict, dataclass, field
 
+from .init import from_base, niter
 from .peft_schema import BIASES, MAX_ALPHA, checked_fields
 from .variants import VARIANTS
 
-INITS = ("kaiming", "gaussian")
+INITS = ("kaiming", "gaussian", "pissa", "olora")  # and "pissa_niter_N" (lorafit.core.init)
 
 # PEFT's adapter_config.json keys that lorafit reads, mapped to LoraConfig fields.
 _PEFT_TO_LORAFIT = {
@@ -58,6 +59,31 @@ class ConfigError(ValueError):
     """A config value (from code, a file or the command line) that lorafit cannot use."""
 
 
+_INIT_ONLY = ("eva", "orthogonal", "mica")  # PEFT inits that start A and B some other way, the base untouched
+_BASE_CHANGED = ("corda", "loftq", "lora_ga")  # ... and those that also rewrite the base weights
+
+
+def _init_from_peft(value: bool | str, source: str) -> str:
+    """LoraConfig.init for PEFT's init_lora_weights (true/false: kaiming). An adapter saved unconverted from a
+    PiSSA / OLoRA start is a change to the residual base: PEFT loads it by decomposing the base again, which rebuilds
+    the residual only when the decomposition is deterministic; lorafit does the same, and refuses pissa_niter_N."""
+    if not isinstance(value, str) or value in _INIT_ONLY:
+        return "kaiming"  # a trained adapter of these loads as plain LoRA: its start left the base untouched
+    if value in _BASE_CHANGED:
+        raise ConfigError(f"{source}: init_lora_weights={value!r}: this adapter was trained on a base that {value} "
+                          "changed and lorafit cannot rebuild; save it converted for the original base (PEFT: "
+                          "save_pretrained(..., path_initial_model_for_weight_conversion=...))")
+    if niter(value) is not None:
+        raise ConfigError(f"{source}: init_lora_weights={value!r}: this adapter was trained on a residual base from a "
+                          "random (svd_lowrank) decomposition that cannot be rebuilt; save it converted for the "
+                          "original base (PEFT: save_pretrained(..., path_initial_model_for_weight_conversion=...))")
+    if from_base(value):
+        warnings.warn(f"{source}: init_lora_weights={value!r}: an unconverted {value} adapter; as PEFT does, lorafit "
+                      "rewrites the targeted base weights as the residual of the decomposition (right only when the "
+                      "model is the original base)", stacklevel=3)
+    return value
+
+
 def _check_regex(pattern: str) -> None:
     """A targets string is a regex over full module names (surgery's re.fullmatch): it must compile."""
     try:
@@ -76,7 +102,8 @@ class LoraConfig:
     dropout: float = 0.0  # dropout on the input of the LoRA branch only
     targets: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])  # suffixes, a regex, "all-linear"
     rslora: bool = False  # rank-stabilised scaling alpha / sqrt(r) (Kalajievski 2023)
-    init: str = "kaiming"  # "kaiming": A kaiming-uniform, B zero; "gaussian": A ~ N(0, 1/r), B zero
+    init: str = "kaiming"  # "kaiming": A kaiming-uniform, B zero; "gaussian": A ~ N(0, 1/r), B zero; "pissa"
+    # (or "pissa_niter_N", a fast SVD) / "olora": A, B from the base weight's SVD / QR, the base becomes the residual
     bias: str = "none"  # which biases train too: "none", "lora_only" (of adapted layers), "all"
     modules_to_save: list[str] = field(default_factory=list)  # modules trained in full and saved (a new head)
     layers: list[int] | None = None  # only adapt modules inside these block indices (None: all blocks)
@@ -98,8 +125,8 @@ class LoraConfig:
             raise ConfigError(f"alpha must be a finite number in (0, {MAX_ALPHA:g}], got {self.alpha!r}")
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
-        if self.init not in INITS:
-            raise ConfigError(f"init must be one of {INITS}, got {self.init!r}")
+        if self.init not in INITS and not (isinstance(self.init, str) and from_base(self.init)):
+            raise ConfigError(f"init must be one of {', '.join(INITS)} or pissa_niter_N, got {self.init!r}")
         if self.bias not in BIASES:
             raise ConfigError(f"bias must be one of {BIASES}, got {self.bias!r}")
         if isinstance(self.targets, list) and (not self.targets or not all(isinstance(t, str) for t in self.targets)):
@@ -168,7 +195,7 @@ class LoraConfig:
             "modules_to_save": self.modules_to_save or None,
             "layers_to_transform": self.layers,
             "layers_pattern": None,
-            "init_lora_weights": "gaussian" if self.init == "gaussian" else True,
+            "init_lora_weights": True if self.init == "kaiming" else self.init,  # PEFT's names for the others
             "use_dora": self.use_dora,
             "rank_pattern": dict(self.rank_pattern),
             "alpha_pattern": dict(self.alpha_pattern),
@@ -194,7 +221,7 @@ class LoraConfig:
         if unknown:
             warnings.warn(f"{source}: ignoring config keys lorafit does not know: {', '.join(unknown)}", stacklevel=2)
         kwargs = {ours: values[theirs] for theirs, ours in _PEFT_TO_LORAFIT.items() if values[theirs] is not None}
-        kwargs["init"] = "gaussian" if kwargs.pop("init") == "gaussian" else "kaiming"
+        kwargs["init"] = _init_from_peft(kwargs.pop("init"), source)
         if isinstance(kwargs.get("layers"), int):
             kwargs["layers"] = [kwargs["layers"]]
         try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .init import changed_base, restore_base
 from .lora import merged_weight
 from .surgery import lora_layers, replace_module
 
@@ -47,11 +48,15 @@ def unload(model: nn.Module, merge_first: bool = True) -> nn.Module:
     """Replace every LoRA layer by a plain base module (merging the active adapter first unless told not to).
 
     The result is an ordinary model of the original architecture: its state dict is the base state dict
-    with merged values, ready for `save_pretrained` or any inference engine.
+    with merged values, ready for `save_pretrained` or any inference engine. A weight an unmerged adapter rewrote
+    as a residual (init pissa / olora) gets W0 back.
     """
     if merge_first and getattr(model, "lora_active", None) is not None:
         merge(model)
     for layer_name, layer in list(lora_layers(model)):
+        for name in layer.lora:
+            if name != layer.merged and changed_base(layer, name):
+                restore_base(layer, name)
         replace_module(model, layer_name, layer.to_base())
     model.lora_configs, model.lora_active, model.lora_originals = {}, None, {}
     return model

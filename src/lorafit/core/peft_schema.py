@@ -13,6 +13,8 @@ from collections.abc import Callable
 
 MAX_ALPHA = 1e6  # a larger alpha overflows ΔW = alpha / r · BA in bf16 and fp16 and, far enough, in fp32
 BIASES = ("none", "lora_only", "all")
+# PEFT's named initialisations (init_lora_weights); which of them lorafit can load is decided in config.py
+PEFT_INITS = ("gaussian", "pissa", "olora", "eva", "orthogonal", "mica", "corda", "loftq", "lora_ga")
 
 # PEFT's defaults for the keys lorafit reads (peft.LoraConfig), applied to a missing or null key.
 PEFT_DEFAULTS = {"r": 8, "lora_alpha": 8, "lora_dropout": 0.0, "use_rslora": False, "bias": "none",
@@ -68,7 +70,9 @@ FIELDS: dict[str, tuple[Callable[[object], bool], str]] = {
     "layers_to_transform": (lambda v: v is None or (_integer(v) and v >= 0) or
                             (isinstance(v, list) and v != [] and all(_integer(i) and i >= 0 for i in v)),
                             "a block index, a non-empty list of block indices, or null"),
-    "init_lora_weights": (lambda v: isinstance(v, bool) or v == "gaussian", "true, false or \"gaussian\""),
+    "init_lora_weights": (lambda v: isinstance(v, bool) or v in PEFT_INITS or
+                          (isinstance(v, str) and re.fullmatch(r"pissa_niter_\d+", v) is not None),
+                          f'true, false, "pissa_niter_N" or one of {", ".join(PEFT_INITS)}'),
     "base_model_name_or_path": (_text_or_null, "a string or null"),
     "task_type": (_text_or_null, "a string or null"),
     "revision": (_text_or_null, "a string or null"),

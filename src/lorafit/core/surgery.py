@@ -15,6 +15,7 @@ from torch import nn
 
 from .anatomy import block_index, output_head
 from .config import LoraConfig
+from .init import changed_base, from_base, init_from_base, original_weight, refusal, restore_base
 from .lora import LoraEmbedding, LoraLayer, LoraLinear
 from .packed import PackedLinear, PackedWeight
 
@@ -105,7 +106,8 @@ def _wrap(module: nn.Module) -> LoraLayer:
 def inject(model: nn.Module, cfg: LoraConfig, name: str = "default") -> nn.Module:
     """Add adapter `name` to the modules `cfg` targets, make it the active one, freeze everything else.
 
-    In place; returns the model. The output is unchanged right after (one factor of ΔW = BA starts at zero).
+    In place; returns the model. The output is unchanged right after (one factor of ΔW = BA starts at zero; or,
+    for init pissa / olora, the targeted base weights become the residual W0 - scale·B·A: lorafit.core.init).
     Trainable afterwards: this adapter's A and B, the biases `cfg.bias` names, and `cfg.modules_to_save`.
     """
     configs = getattr(model, "lora_configs", {})
@@ -113,10 +115,13 @@ def inject(model: nn.Module, cfg: LoraConfig, name: str = "default") -> nn.Modul
         raise ValueError(f"the model already has an adapter named {name!r}; pick another name or delete it first")
     targets = find_targets(model, cfg)
     save = modules_to_save(model, cfg.modules_to_save)
+    _check_base_inits(model, targets, cfg)
     for target in targets:
         module = model.get_submodule(target)
         layer = _wrap(module)
         layer.add_adapter(name, cfg.rank_of(target), cfg.scale_of(target), cfg.dropout, cfg.init, cfg.variant)
+        if from_base(cfg.init):
+            init_from_base(layer, name, cfg.init)
         layer.train(module.training)  # the new modules follow the mode of what they wrap: no dropout in eval()
         replace_module(model, target, layer)
     model.lora_configs = {**configs, name: cfg}
@@ -124,6 +129,29 @@ def inject(model: nn.Module, cfg: LoraConfig, name: str = "default") -> nn.Modul
     set_adapter(model, name)
     _freeze_all_but(model, name, cfg, save)
     return model
+
+
+def _check_base_inits(model: nn.Module, targets: list[str], cfg: LoraConfig) -> None:
+    """TargetError, before anything changes, when an adapter would share a layer with one that rewrote its base
+    weight (the other's base would be the wrong one), or init pissa / olora cannot decompose a target."""
+    init = cfg.init
+    if from_base(init) and cfg.variant != "lora":
+        raise TargetError(f"init {init} starts plain LoRA only, not the {cfg.variant} variant")
+    for target in targets:
+        module = model.get_submodule(target)
+        held = list(module.lora) if isinstance(module, LoraLayer) else []
+        changed = [other for other in held if changed_base(module, other)]
+        if changed:
+            raise TargetError(f"adapter {changed[0]!r} rewrote the base weight of {target!r} as a residual (init "
+                              "pissa / olora): it must be that module's only adapter; delete it first")
+        if not from_base(init):
+            continue
+        if held:
+            raise TargetError(f"init {init} rewrites the base weight of {target!r}, which adapter {held[0]!r} also "
+                              "uses: add it to a model without adapters on those modules")
+        problem = refusal(module if isinstance(module, LoraLayer) else _wrap(module), target, init, cfg.r)
+        if problem:
+            raise TargetError(problem)
 
 
 def _keep_originals(model: nn.Module, modules: list[nn.Module]) -> None:
@@ -187,6 +215,8 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         if layer.merged == name:
             raise RuntimeError(f"adapter {name!r} is merged into {layer_name}; call lorafit.unmerge first")
         if name in layer.lora:
+            if changed_base(layer, name):
+                restore_base(layer, name)  # W0 back: the layer's next adapter (or none) sees the original weight
             del layer.lora[name]
         if len(layer.lora) == 0:
             replace_module(model, layer_name, layer.to_base())
@@ -200,7 +230,8 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Inside the block the model behaves as the base model; the adapters are kept and come back after.
 
     Modules an adapter trains in full (modules_to_save, such as a classifier's head) hold their base values inside
-    the block, as with PEFT's disable_adapter: a "base" score never uses a trained head.
+    the block, as with PEFT's disable_adapter: a "base" score never uses a trained head. A weight the active adapter
+    rewrote as a residual (init pissa / olora) holds W0 inside the block, where PEFT would compute with the residual.
     """
     layers = [layer for _, layer in lora_layers(model)]
     merged = [layer.merged for layer in layers if layer.merged is not None]
@@ -210,6 +241,9 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
     trained = {}
     for layer in layers:
         layer.disabled = True
+    residuals = [(layer, layer.weight.data) for layer in layers if changed_base(layer, layer.active or "")]
+    for layer, _ in residuals:
+        layer.weight.data = original_weight(layer, layer.active)
     for key, original in getattr(model, "lora_originals", {}).items():
         trained[key], params[key].data = params[key].data, original.to(params[key].device, params[key].dtype)
     try:
@@ -217,6 +251,8 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for layer in layers:
             layer.disabled = False
+        for layer, residual in residuals:
+            layer.weight.data = residual
         for key, value in trained.items():
             params[key].data = value
 

@@ -15,6 +15,7 @@ import yaml
 from pydantic import ConfigDict, TypeAdapter, ValidationError
 
 from ..core.config import ConfigError, LoraConfig
+from ..core.init import from_base
 from ..data import DataConfig
 from ..methods import MethodConfig, get
 from ..quant import QUANTIZE
@@ -56,6 +57,8 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step (effective batch = batch_size * grad_accum)
     lr: float = 2e-4  # peak learning rate (LoRA tolerates ~10x the full fine-tuning rate)
     weight_decay: float = 0.0  # AdamW decoupled weight decay on the trainable parameters
+    loraplus_lr_ratio: float | None = None  # LoRA+ (Hayou et al. 2024): B's lr is lr x this (they use ~16); null: off
+    loraplus_lr_embedding: float | None = None  # LoRA+: peak lr of LoRA on embedding tables (null: PEFT's 1e-6)
     warmup_steps: int = 10  # linear warm-up from 0 to lr
     min_lr_ratio: float = 0.1  # the cosine ends at lr * min_lr_ratio
     clip: float = 1.0  # max global grad norm; 0 turns clipping off
@@ -89,6 +92,9 @@ class TrainConfig:
             raise ConfigError(f"parallel must be one of {', '.join(PARALLEL)}, got {self.parallel!r}")
         if not self.timeout > 0:
             raise ConfigError(f"timeout must be > 0 seconds, got {self.timeout}")
+        for name in ("loraplus_lr_ratio", "loraplus_lr_embedding"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be > 0 (or null: off), got {getattr(self, name)}")
         if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"need lr > 0 and 0 <= min_lr_ratio <= 1, got lr={self.lr}, "
                               f"min_lr_ratio={self.min_lr_ratio}")
@@ -141,8 +147,21 @@ class RunConfig:
         if self.train.parallel == "fsdp" and self.model.quantize != "none":
             raise ConfigError(f"train.parallel: fsdp shards plain weights; a quantized base (model.quantize: "
                               f"{self.model.quantize}) keeps packed blocks FSDP2 cannot shard: use parallel: ddp")
+        self._check_lora_options()
         if self.train.parallel == "fsdp" and self.train.compile is True:
             raise ConfigError("train.parallel: fsdp runs eager blocks: set train.compile to auto or false")
+
+    def _check_lora_options(self) -> None:
+        """LoRA+ needs AdamW over LoRA; an init from the base weights needs them dense."""
+        method = get(self.method.name)
+        if self.train.loraplus_lr_ratio is not None and (method.optimizer or not method.uses_lora(self.method)):
+            why = "has an optimizer of its own" if method.optimizer else "trains no LoRA adapter"
+            raise ConfigError(f"train.loraplus_lr_ratio: LoRA+ sets the AdamW learning rate of LoRA's B, and method "
+                              f"{self.method.name} {why}: drop it")
+        if from_base(self.lora.init) and self.model.quantize != "none":
+            raise ConfigError(f"lora.init: {self.lora.init} rewrites the adapted base weights as residuals, which "
+                              f"a quantized base (model.quantize: {self.model.quantize}) cannot hold: use quantize: "
+                              "none, or init kaiming")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -230,7 +230,7 @@ def _set_up_training(cfg: RunConfig, model: nn.Module, train_set: list[Example],
             f"train.batch_size {t.batch_size} is the global batch, cut in {world.size} shards")
     if own is not None:
         return own([p for _, p in trainable_parameters(model)], t.lr, t.weight_decay, t.seed, cfg.method), replicas
-    return make_optimizer(model, t.lr, t.weight_decay), replicas
+    return make_optimizer(model, t.lr, t.weight_decay, t.loraplus_lr_ratio, t.loraplus_lr_embedding), replicas
 
 
 def _save_result(cfg: RunConfig, model: nn.Module, labels: list[str] | None, prompt: dict,
