@@ -49,6 +49,12 @@ def _compiles(v) -> bool:
         return False
 
 
+def _pattern(value, ok) -> bool:
+    """rank_pattern / alpha_pattern: {non-empty regex: value}."""
+    return isinstance(value, dict) and all(isinstance(k, str) and k and _compiles(k) and ok(v)
+                                           for k, v in value.items())
+
+
 def valid(data) -> bool:
     """PEFT's LoraConfig schema for the keys a plain LoRA adapter uses; a missing or null key takes the default."""
     if not isinstance(data, dict):
@@ -70,10 +76,12 @@ def valid(data) -> bool:
         get("layers_to_transform") is None or (_int(get("layers_to_transform")) and get("layers_to_transform") >= 0)
         or (isinstance(get("layers_to_transform"), list) and get("layers_to_transform") != []
             and all(_int(i) and i >= 0 for i in get("layers_to_transform"))),
-        type(get("init_lora_weights", True)) is bool or get("init_lora_weights") == "gaussian",
+        type(get("init_lora_weights", True)) is bool or get("init_lora_weights") in ("gaussian", "pissa", "olora"),
         all(isinstance(get(k, ""), str) for k in ("base_model_name_or_path", "task_type", "revision")),
         all(type(get(k, False)) is bool for k in ("fan_in_fan_out", "inference_mode")),
-        get("use_dora", False) is False, get("rank_pattern", {}) == {}, get("alpha_pattern", {}) == {},
+        type(get("use_dora", False)) is bool,
+        _pattern(get("rank_pattern", {}), lambda v: _int(v) and v >= 1),
+        _pattern(get("alpha_pattern", {}), lambda v: _finite(v) and 0 < v <= 1e6),
     ])
 
 
