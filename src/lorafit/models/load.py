@@ -136,8 +136,8 @@ def load_model(model: str, task: str = "causal-lm", labels: list[str] | None = N
     task "causal-lm" gives AutoModelForCausalLM; "classification" gives AutoModelForSequenceClassification with
     a head of len(labels) classes (newly initialised unless the checkpoint has one that size) and id2label /
     label2id set; labels=None keeps the checkpoint's own labels. A GGUF file is dequantized to `dtype` on load;
-transformers' conversion is kept in the lorafit cache (gguf_cache), so later loads of that file read it instead
-(the same model; LORAFIT_GGUF_CACHE=0 converts every time).
+    transformers' conversion is kept in the lorafit cache (gguf_cache), so later loads of that file read it
+    instead: the same model in a fraction of the time (LORAFIT_GGUF_CACHE=0 converts every time).
     config.pad_token_id is set from the tokenizer (sequence classification needs it to find the last token).
     quantize "nf4" / "int8" / "gguf" stores the blocks' Linear weights quantized (lorafit.quant): "gguf" keeps
     the blocks of the .gguf file the model comes from instead of their dequantized copies; quantize_head also
