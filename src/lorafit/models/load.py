@@ -15,14 +15,17 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from ..core.files import check_writable, os_errors_named
 from ..core.merge import unload
 from ..quant import dequantize_model, quantize_model
+from . import gguf_cache
 from .presets import GGUF_MAGIC, PRESETS, TASKS, ModelError, _preset_list, _swap_in, fetch
 
-# What transformers raises for an unreadable model: struct.error and EOFError come from a truncated GGUF file.
-LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, IndexError, EOFError, struct.error)
+# What transformers raises for an unreadable model: struct.error and EOFError come from a truncated GGUF file,
+# SafetensorError from a damaged weights file.
+LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, IndexError, EOFError, struct.error, SafetensorError)
 
 
 def check_gguf(path: Path) -> None:
@@ -81,12 +84,25 @@ def _load_failed(model: str, where: str, gguf: str | None, what: str, err: Excep
 
 def _tokenizer(model: str, where: str, gguf: str | None):
     """AutoTokenizer from a resolved location, with a pad token (eos, else unk) so batches can be padded."""
+    return _with_pad(_read_tokenizer(model, where, gguf))
+
+
+def _read_tokenizer(model: str, where: str, gguf: str | None, dense: Path | None = None):
+    """AutoTokenizer as transformers gives it, from a resolved location or from `dense`, its GGUF file's dense copy
+    (which then records the GGUF file's folder as its origin, as a load from the file does)."""
     from transformers import AutoTokenizer  # heavy: seconds to import
 
+    source, extra = (dense, {}) if dense else (where, {"gguf_file": gguf} if gguf else {})
     try:
-        tokenizer = AutoTokenizer.from_pretrained(where, **({"gguf_file": gguf} if gguf else {}))
+        tokenizer = AutoTokenizer.from_pretrained(source, **extra)
     except LOAD_ERRORS as err:
         raise _load_failed(model, where, gguf, "tokenizer", err) from err
+    if dense:
+        tokenizer.name_or_path = where
+    return tokenizer
+
+
+def _with_pad(tokenizer):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     return tokenizer
@@ -119,7 +135,9 @@ def load_model(model: str, task: str = "causal-lm", labels: list[str] | None = N
 
     task "causal-lm" gives AutoModelForCausalLM; "classification" gives AutoModelForSequenceClassification with
     a head of len(labels) classes (newly initialised unless the checkpoint has one that size) and id2label /
-    label2id set; labels=None keeps the checkpoint's own labels. A GGUF file is dequantized to `dtype` on load.
+    label2id set; labels=None keeps the checkpoint's own labels. A GGUF file is dequantized to `dtype` on load;
+    transformers' conversion is kept in the lorafit cache (gguf_cache), so later loads of that file read it
+    instead: the same model in a fraction of the time (LORAFIT_GGUF_CACHE=0 converts every time).
     config.pad_token_id is set from the tokenizer (sequence classification needs it to find the last token).
     quantize "nf4" / "int8" / "gguf" stores the blocks' Linear weights quantized (lorafit.quant): "gguf" keeps
     the blocks of the .gguf file the model comes from instead of their dequantized copies; quantize_head also
@@ -136,17 +154,56 @@ def load_model(model: str, task: str = "causal-lm", labels: list[str] | None = N
         raise ModelError("quantizing the head or the embeddings needs quantize: nf4, int8 or gguf")
     kwargs = {"dtype": dtype, **_head_kwargs(labels if task == "classification" else None)}
     where, gguf = resolve(model)
-    tokenizer = _tokenizer(model, where, gguf)
     auto = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
+    dense = _dense_copy(model, where, gguf, dtype) if gguf and gguf_cache.enabled() else None
     try:
-        with _quiet_loading(new_head=task == "classification"):
-            net = auto.from_pretrained(where, **kwargs, **(_gguf_kwargs(gguf) if gguf else {}))
-    except LOAD_ERRORS as err:
-        raise _load_failed(model, where, gguf, "model", err) from err
+        net, tokenizer = _read(model, where, gguf, dense, auto, kwargs, new_head=task == "classification")
+    except ModelError:
+        if dense is None:
+            raise
+        gguf_cache.discard(dense)  # damaged after it was written: convert the GGUF file again
+        dense = _dense_copy(model, where, gguf, dtype)
+        net, tokenizer = _read(model, where, gguf, dense, auto, kwargs, new_head=task == "classification")
+    tokenizer = _with_pad(tokenizer)
     net.config.pad_token_id = tokenizer.pad_token_id
     if quantize != "none":
         _quantize(net, quantize, Path(where) / gguf if gguf else None, quantize_head, quantize_embeddings)
     return net.eval(), tokenizer
+
+
+def _read(model: str, where: str, gguf: str | None, dense: Path | None, auto, kwargs: dict, new_head: bool):
+    """(model, tokenizer) as transformers gives them from a resolved location, or from `dense`, the dense copy of
+    its GGUF file: that model records the GGUF file's folder as its origin, as a load from the file does (adapters
+    saved from it record that folder as their base model)."""
+    tokenizer = _read_tokenizer(model, where, gguf, dense)
+    source, extra = (dense, {}) if dense else (where, _gguf_kwargs(gguf) if gguf else {})
+    try:
+        with _quiet_loading(new_head):
+            net = auto.from_pretrained(source, **kwargs, **extra)
+    except LOAD_ERRORS as err:
+        raise _load_failed(model, where, gguf, "model", err) from err
+    if dense:
+        net.name_or_path = net.config.name_or_path = where
+    return net, tokenizer
+
+
+def _dense_copy(model: str, where: str, gguf: str, dtype: torch.dtype) -> Path | None:
+    """The folder holding GGUF file where/gguf as transformers converts it to `dtype` (lorafit.models.gguf_cache):
+    converted and saved on first use; None when it cannot be saved (the caller loads the file itself)."""
+    import transformers  # heavy: seconds to import
+
+    def convert(folder: Path) -> None:
+        net, tokenizer = _read(model, where, gguf, None, transformers.AutoModelForCausalLM, {"dtype": dtype},
+                               new_head=False)
+        architectures = net.config.architectures  # None after a GGUF load; save_pretrained sets it
+        with _quiet_loading(new_head=False), os_errors_named(folder):  # a full disk is an OSError
+            net.save_pretrained(folder)  # model.safetensors, config.json, generation_config.json
+            net.config.architectures = architectures
+            net.config.save_pretrained(folder)  # config.json exactly as the conversion gave it
+            tokenizer.save_pretrained(folder)  # tokenizer.json, tokenizer_config.json, the chat template
+
+    dtype_name = str(dtype).removeprefix("torch.")
+    return gguf_cache.dense_copy(Path(where) / gguf, dtype_name, transformers.__version__, convert)
 
 
 @contextlib.contextmanager
