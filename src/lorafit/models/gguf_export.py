@@ -137,7 +137,7 @@ def tensor_type(name: str, shape: tuple[int, ...], file_type: str):
 def encode(name: str, tensor: torch.Tensor, file_type: str) -> tuple[np.ndarray, object]:
     """(numpy data, GGML type) of a tensor as the file stores it: plain floats, or quantized bytes."""
     from gguf import GGMLQuantizationType as Q  # only GGUF export needs it
-    from gguf.quants import quantize
+    from gguf.quants import quantize  # ditto
 
     data = tensor.detach().to("cpu", torch.float32).contiguous().numpy()  # (out, in) or (n,): numpy's order
     qtype = tensor_type(name, data.shape, file_type)

@@ -113,7 +113,7 @@ def export_lora_gguf(adapter: str | Path, config, out: str | Path, file_type: st
 
     def write(tmp: str) -> None:
         from gguf import GGUFValueType as T  # only GGUF export needs it
-        from gguf import GGUFWriter
+        from gguf import GGUFWriter  # ditto
 
         writer = GGUFWriter(tmp, "llama")
         add_fields(writer, [Field("general.type", "adapter", T.STRING), Field("general.name", where.name, T.STRING),
