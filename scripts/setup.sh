@@ -11,7 +11,7 @@ fi
 "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
 "$VENV/bin/python" -m pip install -q "$TORCH"
 if [ "${1:-}" = "dev" ]; then
-  "$VENV/bin/python" -m pip install -q -e ".[dev]"
+  "$VENV/bin/python" -m pip install -q -e ".[dev,llama]"  # llama: the `export gguf` tests run llama.cpp
 else
   "$VENV/bin/python" -m pip install -q -e .
 fi

@@ -231,6 +231,36 @@ def tiny_run_yaml(tmp_path) -> Path:
     return config
 
 
+# --- a tiny Llama that llama.cpp runs (GGUF export) ---
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def saved_tiny_bpe_llama(path, tied: bool = True, seed: int = 0) -> Path:
+    """A random-weight Llama with a byte-level BPE tokenizer (SmolLM2's kind, 320 ids) and a ChatML template, saved
+    as a Hugging Face folder. Every row length is a multiple of 32 (hidden 128, 4 heads of 32, 2 KV heads, MLP 256)
+    so Q8_0 / Q4_0 blocks apply, and the norms are random so a misplaced one shows."""
+    corpus = ["the cat sat on the mat", "hello world, hello llama", "a dog and a cat are friends", "1, 2, 3 go"] * 4
+    tok = PreTrainedTokenizerFast(tokenizer_object=byte_bpe(corpus, 320, ["<|endoftext|>", "<|im_start|>",
+                                                                          "<|im_end|>"]),
+                                  bos_token="<|im_start|>", eos_token="<|im_end|>", unk_token="<|endoftext|>",
+                                  pad_token="<|endoftext|>")
+    tok.chat_template = CHATML
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=320, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5,
+                      tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.add_(gaussian(param.shape, seed=len(name)) * 0.2)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return Path(path)
+
+
 # --- the `lorafit` command ---
 
 def run_cli(*args, cwd=None, input=None, env=None, timeout=300) -> subprocess.CompletedProcess:

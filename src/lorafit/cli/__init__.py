@@ -1,8 +1,8 @@
 """The `lorafit` command. Each subcommand parses its options and calls one library function.
 
-The commands live in run.py (train, eval, sweep, reproduce), use.py (generate, chat, predict, merge, combine), serve.py
-(serve) and info.py (fetch, models, inspect, config, plan, analyze, bench); `main` is the entry point and its
-error contract.
+The commands live in run.py (train, eval, sweep, reproduce), use.py (generate, chat, predict, merge, combine),
+export.py (export gguf), serve.py (serve) and info.py (fetch, models, inspect, config, plan, analyze, bench);
+`main` is the entry point and its error contract.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from .app import app, log
 
 # Each file registers its commands on the app; this order is the order `lorafit --help` lists them in.
 # isort: off
-from . import run, use, serve, info  # noqa: F401, E402
+from . import run, use, export, serve, info  # noqa: F401, E402
 # isort: on
 
 __all__ = ["app", "main"]

@@ -13,6 +13,8 @@ reproduce_app = typer.Typer(no_args_is_help=True, help="Reproduce the source tal
 app.add_typer(reproduce_app, name="reproduce")
 bench_app = typer.Typer(no_args_is_help=True, help="Measure speed and memory (results go to bench.json / bench.md).")
 app.add_typer(bench_app, name="bench")
+export_app = typer.Typer(no_args_is_help=True, help="Write models and adapters in other runtimes' formats.")
+app.add_typer(export_app, name="export")
 EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
 Quantize = Annotated[str, typer.Option(help="none, nf4, int8 or gguf: hold the base's block weights quantized")]
 Temperature = Annotated[float, typer.Option(min=0.0, help="0: greedy; above 0: sampling, hotter as it grows")]

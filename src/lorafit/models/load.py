@@ -118,6 +118,17 @@ def load_tokenizer(model: str):
     return _tokenizer(model, where, gguf)
 
 
+def load_config(model: str):
+    """The transformers config of `model` (preset, folder, .gguf file or hub id), without loading its weights."""
+    from transformers import AutoConfig  # heavy: seconds to import
+
+    where, gguf = resolve(model)
+    try:
+        return AutoConfig.from_pretrained(where, **({"gguf_file": gguf} if gguf else {}))
+    except LOAD_ERRORS as err:
+        raise _load_failed(model, where, gguf, "config", err) from err
+
+
 def _head_kwargs(labels: list[str] | None) -> dict:
     """from_pretrained arguments that size a classification head for `labels` (none: keep the checkpoint's)."""
     if labels is None:
