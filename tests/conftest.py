@@ -74,6 +74,18 @@ def ids() -> torch.Tensor:
     return torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
 
 
+def logits(model, ids) -> torch.Tensor:
+    """The model's logits for `ids`, without gradient."""
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.fixture
+def peft():
+    """PEFT, the reference adapter maths and files are compared against; without it only those tests skip."""
+    return pytest.importorskip("peft")
+
+
 def gaussian(shape, seed=0, dtype=torch.float32) -> torch.Tensor:
     """A standard-normal tensor from its own seeded generator (the global seed stays untouched)."""
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(dtype)

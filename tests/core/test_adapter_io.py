@@ -9,7 +9,7 @@ from safetensors import safe_open
 
 import lorafit
 from lorafit import AdapterFileError, LoraConfig
-from tests.conftest import randomize_lora, tiny_bert, tiny_gpt2, tiny_llama
+from tests.conftest import logits, randomize_lora, tiny_bert, tiny_gpt2, tiny_llama
 
 CASES = [  # (model builder, lorafit targets, PEFT target_modules)
     (tiny_llama, ["q_proj", "v_proj"], ["q_proj", "v_proj"]),
@@ -17,17 +17,6 @@ CASES = [  # (model builder, lorafit targets, PEFT target_modules)
     (tiny_gpt2, ["c_attn"], ["c_attn"]),
     (tiny_llama, ["embed_tokens", "q_proj"], ["embed_tokens", "q_proj"]),
 ]
-
-
-def logits(model, ids):
-    with torch.no_grad():
-        return model(ids).logits
-
-
-@pytest.fixture
-def peft():
-    """PEFT, the reference these round trips compare against; without it only those tests skip."""
-    return pytest.importorskip("peft")
 
 
 @pytest.mark.parametrize("build, ours, theirs", CASES)

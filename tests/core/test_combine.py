@@ -18,7 +18,7 @@ from lorafit.core.combine import (
     read_input,
     split_tensors,
 )
-from tests.conftest import gaussian, randomize_lora, tiny_gpt2, tiny_llama
+from tests.conftest import gaussian, logits, randomize_lora, tiny_gpt2, tiny_llama
 
 WEIGHTS = [0.7, -0.4, 1.3]
 # (name, PEFT LoraConfig arguments): one rank for linear / ties / dare; unions of targets; rslora not first
@@ -44,16 +44,6 @@ CASES = [  # (PEFT's combination_type and keywords, lorafit's spec, adapters)
     ("cat", {}, CombineSpec("cat"), PATTERNS),  # per-module ranks and alphas
     ("svd", {}, CombineSpec("svd"), PATTERNS),
 ]
-
-
-@pytest.fixture
-def peft():
-    return pytest.importorskip("peft")
-
-
-def logits(model, ids):
-    with torch.no_grad():
-        return model(ids).logits
 
 
 def peft_with_adapters(peft, folder, adapters, build=tiny_llama):

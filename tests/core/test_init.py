@@ -12,19 +12,9 @@ import lorafit
 from lorafit import AdapterFileError, LoraConfig, TargetError
 from lorafit.core import init as base_init
 from lorafit.core.packed import PackedLinear, PackedWeight
-from tests.conftest import gaussian, tiny_gpt2, tiny_llama
+from tests.conftest import gaussian, logits, tiny_gpt2, tiny_llama
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]  # square, wide (64 -> 32) and tall (96 -> 64) weights
-
-
-def logits(model, ids):
-    with torch.no_grad():
-        return model(ids).logits
-
-
-@pytest.fixture
-def peft():
-    return pytest.importorskip("peft")
 
 
 def pair(peft, init, build=tiny_llama, targets=TARGETS, rslora=False):
