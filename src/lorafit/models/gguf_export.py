@@ -26,7 +26,7 @@ from torch import nn
 from ..core.files import atomic_write
 from ..core.merge import unload
 from ..quant import dequantize_model
-from ..quant.gguf import LLAMA_NAMES
+from ..quant.gguf import LLAMA_NAMES, rotary_rows
 from .gguf_vocab import Field, built_tokenizer_fields, copied_tokenizer_fields
 from .presets import ModelError
 
@@ -93,9 +93,9 @@ def llama_rows(rows: int, heads: int) -> torch.Tensor:
     """Row order of attn_q / attn_k in llama.cpp's rotary layout: out[i] = hf[order[i]].
 
     Within each head, transformers keeps the rotary halves apart (rows 0..d/2-1, then d/2..d-1); llama.cpp
-    interleaves them (0, d/2, 1, d/2+1, ...). The inverse of lorafit.quant.gguf.rotary_rows.
+    interleaves them (0, d/2, 1, d/2+1, ...): the inverse of the order lorafit.quant.gguf reads them back in.
     """
-    return torch.arange(rows).reshape(heads, 2, rows // heads // 2).transpose(1, 2).reshape(rows)
+    return torch.argsort(rotary_rows(rows, heads))
 
 
 def llama_name(key: str) -> str | None:

@@ -60,12 +60,6 @@ def _refuse_unappliable(cfg: LoraConfig, tensors: dict[str, torch.Tensor], where
                              f"adapter holds low-rank updates only{hint}")
 
 
-def _scale_of(cfg: LoraConfig, module: str) -> float:
-    """The factor on B A for `module`: its own alpha over its own r (rank_pattern, alpha_pattern, rslora); the
-    caller folds any difference from the file's one alpha into lora_b."""
-    return cfg.scale_of(module)
-
-
 def lora_updates(cfg: LoraConfig, tensors: dict[str, torch.Tensor], where: Path
                  ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], float]:
     """({llama.cpp weight name: (lora_a (r, in), lora_b (out, r))}, the file's alpha) with any per-module scale
@@ -82,7 +76,7 @@ def lora_updates(cfg: LoraConfig, tensors: dict[str, torch.Tensor], where: Path
                              "applies adapters to the blocks' attention and MLP weights")
         a, b = tensors[key], tensors[module + ".lora_B.weight"]  # (r, in), (out, r)
         updates[name] = (a, b)
-        alphas[name] = _scale_of(cfg, module) * a.shape[0]  # what alpha / r must equal the scale
+        alphas[name] = cfg.scale_of(module) * a.shape[0]  # its own scale (rank/alpha patterns) as alpha / r
     if not updates:
         raise ModelError(f"{where}: holds no LoRA weights to export")
     alpha = Counter(alphas.values()).most_common(1)[0][0]
